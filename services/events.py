@@ -1,0 +1,134 @@
+"""Wire events: the facts services tell each other, as versioned JSON.
+
+Every event is an envelope ``{"type", "version", "id", "occurred_at", "data"}``. Consumers use ``id``
+to stay idempotent; a breaking change to ``data`` gets a new bus topic (``….v2``), an added field
+does not.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ARTICLES_FETCHED = "articles.fetched"
+ARTICLES_MATCHED = "articles.matched"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class EventError(ValueError):
+    """A bus message that is not a well-formed event of the expected type."""
+
+
+class Event(BaseModel):
+    """Base of all wire events: frozen, named in the past tense, unknown fields ignored."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    type: ClassVar[str]
+    version: ClassVar[int] = 1
+
+    event_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    occurred_at: datetime = Field(default_factory=utcnow)
+
+    def encode(self) -> bytes:
+        envelope = {
+            "type": self.type,
+            "version": self.version,
+            "id": self.event_id,
+            "occurred_at": self.occurred_at.isoformat(),
+            "data": self.model_dump(mode="json", exclude={"event_id", "occurred_at"}),
+        }
+        return json.dumps(envelope, ensure_ascii=False, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Any:
+        try:
+            envelope = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise EventError(f"not JSON: {exc}") from exc
+        if not isinstance(envelope, dict):
+            raise EventError("not a JSON object")
+        if envelope.get("type") != cls.type:
+            raise EventError(f"expected type {cls.type!r}, got {envelope.get('type')!r}")
+        if envelope.get("version") != cls.version:
+            raise EventError(f"unsupported {cls.type} version {envelope.get('version')!r}")
+        data = envelope.get("data")
+        if not isinstance(data, dict):
+            raise EventError("envelope has no data object")
+        try:
+            return cls.model_validate(
+                {**data, "event_id": envelope.get("id"), "occurred_at": envelope.get("occurred_at")}
+            )
+        except ValidationError as exc:
+            raise EventError(f"invalid {cls.type}: {exc.error_count()} error(s): {exc}") from exc
+
+
+class Article(BaseModel):
+    """A normalised news item, as ingest saw it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    article_id: str
+    feed_url: str
+    feed_title: str = ""
+    title: str
+    link: str = ""
+    summary: str = ""
+    content: str = ""
+    published: datetime | None = None
+
+    @property
+    def text(self) -> str:
+        """The body to classify: the longest of content and summary (feeds often repeat one)."""
+        return self.content if len(self.content) >= len(self.summary) else self.summary
+
+
+class ArticleFetched(Event):
+    type: ClassVar[str] = "article.fetched"
+
+    article: Article
+    fetched_at: datetime = Field(default_factory=utcnow)
+
+
+class Evidence(BaseModel):
+    """Why a topic scored what it did: the deciding passage and the examples nearest to it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    passage: str
+    nearest_positive: str
+    positive_similarity: float
+    nearest_negative: str | None = None
+    negative_similarity: float | None = None
+
+
+class TopicScore(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    topic: str
+    topic_version: int
+    score: float
+    threshold: float
+    matched: bool
+    evidence: Evidence
+
+
+class ArticleMatched(Event):
+    """An article matched at least one topic; ``scores`` holds every enabled topic's result."""
+
+    type: ClassVar[str] = "article.matched"
+
+    article: Article
+    scores: list[TopicScore]
+    fetched_at: datetime
+
+    @property
+    def matches(self) -> list[TopicScore]:
+        return [s for s in self.scores if s.matched]

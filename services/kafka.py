@@ -1,0 +1,150 @@
+"""The Kafka backend of the bus, through aiokafka.
+
+Kept apart from ``bus.py`` so that the embedded default never imports aiokafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from services.bus import Bus, BusError, Consumer, Message
+
+log = logging.getLogger(__name__)
+
+# How long a publish may wait for the broker before it fails, rather than hanging.
+PUBLISH_TIMEOUT_S = 15.0
+
+
+class KafkaBus(Bus):
+    def __init__(self, bootstrap_servers: str, *, client_id: str, partitions: int = 3) -> None:
+        self._bootstrap = bootstrap_servers
+        self._client_id = client_id
+        self._partitions = partitions
+        self._producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self._bootstrap,
+            client_id=self._client_id,
+            acks="all",
+            # Tansu does not implement InitProducerId; consumers are idempotent by event id instead.
+            enable_idempotence=False,
+            linger_ms=5,
+            request_timeout_ms=int(PUBLISH_TIMEOUT_S * 1000),
+        )
+        try:
+            await producer.start()
+        except KafkaError as exc:
+            await producer.stop()
+            raise BusError(f"cannot reach Kafka at {self._bootstrap}: {exc}") from exc
+        self._producer = producer
+
+    async def close(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+    async def ensure_topics(self, topics: Iterable[str]) -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=self._bootstrap, client_id=self._client_id)
+        try:
+            await admin.start()
+            existing = set(await admin.list_topics())
+            missing = [t for t in topics if t not in existing]
+            if missing:
+                new = [NewTopic(t, self._partitions, replication_factor=1) for t in missing]
+                try:
+                    await admin.create_topics(new)
+                except TopicAlreadyExistsError:
+                    pass  # another process created it first
+                log.info("created topics %s on %s", missing, self._bootstrap)
+        except KafkaError as exc:
+            raise BusError(f"cannot create topics on {self._bootstrap}: {exc}") from exc
+        finally:
+            await admin.close()
+
+    async def publish(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        if self._producer is None:
+            raise BusError("bus not started")
+        try:
+            async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                await self._producer.send_and_wait(
+                    topic,
+                    value,
+                    key=key.encode() if key is not None else None,
+                    headers=[(k, v.encode()) for k, v in (headers or {}).items()],
+                )
+        except (KafkaError, TimeoutError) as exc:
+            raise BusError(f"publish to {topic} on {self._bootstrap} failed: {exc!r}") from exc
+
+    @asynccontextmanager
+    async def consumer(self, topics: Iterable[str], group: str) -> AsyncIterator[Consumer]:
+        consumer = AIOKafkaConsumer(
+            *topics,
+            bootstrap_servers=self._bootstrap,
+            client_id=self._client_id,
+            group_id=group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
+        try:
+            await consumer.start()
+        except KafkaError as exc:
+            await consumer.stop()
+            raise BusError(f"cannot join group {group!r} on {self._bootstrap}: {exc}") from exc
+        try:
+            yield KafkaConsumer(consumer)
+        finally:
+            await consumer.stop()
+
+    async def ready(self) -> bool:
+        producer = self._producer
+        if producer is None:
+            return False
+        try:
+            async with asyncio.timeout(2):
+                await producer.client.fetch_all_metadata()
+        except (KafkaError, TimeoutError):
+            return False
+        return True
+
+
+class KafkaConsumer(Consumer):
+    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+        self._consumer = consumer
+
+    async def poll(self, max_records: int, timeout: float) -> list[Message]:
+        batches = await self._consumer.getmany(
+            timeout_ms=int(timeout * 1000), max_records=max_records
+        )
+        return [
+            Message(
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                key=record.key.decode(errors="replace") if record.key is not None else None,
+                value=record.value if record.value is not None else b"",
+                headers={k: v.decode(errors="replace") for k, v in record.headers},
+            )
+            for records in batches.values()
+            for record in records
+        ]
+
+    async def commit(self) -> None:
+        try:
+            await self._consumer.commit()
+        except KafkaError as exc:
+            raise BusError(f"commit failed: {exc!r}") from exc
