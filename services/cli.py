@@ -1,0 +1,66 @@
+"""The ``newsmon`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from services.bus import BusError
+from services.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="newsmon", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="all three services in one process (embedded default)")
+    for name in ("ingest", "classify", "alerts"):
+        commands.add_parser(name, help=f"the {name} service alone, on Kafka")
+    for sub in commands.choices.values():
+        sub.add_argument("--host", help="HTTP API address (NEWSMON_HTTP_HOST)")
+        sub.add_argument("--port", type=int, help="HTTP API port (NEWSMON_HTTP_PORT)")
+        sub.add_argument("--bus", help="bus URL (NEWSMON_BUS_URL)")
+        sub.add_argument("--database", help="database URL (NEWSMON_DATABASE_URL)")
+    del run
+    args = parser.parse_args(argv)
+
+    overrides = {
+        key: value
+        for key, value in {
+            "http_host": args.host,
+            "http_port": args.port,
+            "bus_url": args.bus,
+            "database_url": args.database,
+        }.items()
+        if value is not None
+    }
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    roles: tuple[str, ...]
+    if args.command == "run":
+        roles = ("ingest", "classify", "alerts")
+    else:
+        roles = (args.command,)
+        if settings.bus_url.startswith("memory:"):
+            parser.error(
+                f"'newsmon {args.command}' runs one service alone and needs a shared bus: "
+                "set NEWSMON_BUS_URL=kafka://host:port (or use 'newsmon run')"
+            )
+
+    from services.runner import serve
+
+    try:
+        asyncio.run(serve(settings, roles))
+    except BusError as exc:
+        logging.getLogger("newsmon").critical("bus failure: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Database plumbing shared by the services: one async SQLAlchemy engine per process."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import MetaData, event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.sql.dml import Insert
+from sqlalchemy.sql.schema import Table
+
+
+def open_engine(url: str) -> AsyncEngine:
+    """Create the engine for ``url`` (``sqlite+aiosqlite://…`` or ``postgresql+asyncpg://…``)."""
+    if url.startswith("sqlite"):
+        engine = create_async_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            # WAL lets the API read while a service writes; the timeout waits out a writer.
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        return engine
+    return create_async_engine(url, pool_pre_ping=True)
+
+
+async def create_tables(engine: AsyncEngine, metadata: Iterable[MetaData]) -> None:
+    async with engine.begin() as conn:
+        for md in metadata:
+            await conn.run_sync(md.create_all)
+
+
+def insert_ignoring_duplicates(engine: AsyncEngine, table: Table) -> Insert:
+    """An INSERT that skips rows whose primary key exists (SQLite and PostgreSQL)."""
+    dialect = engine.dialect.name
+    if dialect == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing()
+    if dialect == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    raise ValueError(f"unsupported database dialect {dialect!r}")

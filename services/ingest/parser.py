@@ -1,0 +1,234 @@
+"""Feed parsing: bytes in, normalised articles out. Pure functions, no I/O.
+
+RSS and Atom go through feedparser; JSON Feed (which feedparser 6 does not read) is parsed here.
+Any DOCTYPE that declares entities is refused before feedparser sees the bytes: feedparser blocks
+external entities but expands internal ones, so a small file can expand to hundreds of megabytes.
+"""
+
+from __future__ import annotations
+
+import calendar
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from html.parser import HTMLParser
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
+
+import feedparser
+
+from services.events import Article
+
+
+class FeedError(ValueError):
+    """A feed that cannot be turned into articles; the message says why."""
+
+
+@dataclass(frozen=True)
+class ParsedFeed:
+    title: str
+    articles: list[Article]
+    warning: str | None = None  # a recoverable problem feedparser noted (e.g. not well-formed XML)
+
+
+_ENTITY_DECL = re.compile(rb"<!ENTITY", re.IGNORECASE)
+_DOCTYPE = re.compile(rb"<!DOCTYPE", re.IGNORECASE)
+_TRACKING_PARAMS = re.compile(r"^(utm_[a-z]+|fbclid|gclid|mc_cid|mc_eid)$", re.IGNORECASE)
+
+
+def parse_feed(body: bytes, feed_url: str, content_type: str = "") -> ParsedFeed:
+    """Parse a fetched feed document into articles; raises ``FeedError`` when nothing usable."""
+    head = body[:4096].lstrip()
+    if head.startswith(b"{") or "json" in content_type.lower():
+        return _parse_json_feed(body, feed_url)
+    if _DOCTYPE.search(body[:65536]) and _ENTITY_DECL.search(body):
+        raise FeedError("document declares XML entities in its DOCTYPE; refused (entity expansion)")
+    headers = {"content-location": feed_url}
+    if content_type:
+        headers["content-type"] = content_type
+    parsed = feedparser.parse(
+        body,
+        response_headers=headers,
+        sanitize_html=False,
+        resolve_relative_uris=True,
+    )
+    warning = f"{type(parsed.bozo_exception).__name__}: {parsed.bozo_exception}" if parsed.bozo else None
+    if not parsed.version and not parsed.entries:
+        reason = warning or "no RSS, Atom or JSON Feed structure found"
+        raise FeedError(f"not a feed: {reason}")
+    base = parsed.feed.get("link") or feed_url
+    feed_title = html_to_text(parsed.feed.get("title", ""))
+    articles = [
+        article
+        for entry in parsed.entries
+        if (article := _normalise_entry(entry, feed_url, feed_title, base)) is not None
+    ]
+    return ParsedFeed(title=feed_title, articles=articles, warning=warning)
+
+
+def _normalise_entry(
+    entry: Mapping[str, Any], feed_url: str, feed_title: str, base: str
+) -> Article | None:
+    title = html_to_text(entry.get("title", ""))
+    summary = html_to_text(entry.get("summary", ""))
+    contents = entry.get("content") or []
+    content = "\n".join(html_to_text(c.get("value", "")) for c in contents if c.get("value"))
+    if not title and not summary and not content:
+        return None
+    link = canonical_url(urljoin(base, entry.get("link", ""))) if entry.get("link") else ""
+    published = _struct_to_datetime(entry.get("published_parsed") or entry.get("updated_parsed"))
+    guid = entry.get("id", "")
+    if entry.get("guidislink") and guid:
+        guid = canonical_url(urljoin(base, guid))
+    return Article(
+        article_id=article_id(guid=guid, link=link, feed_url=feed_url, title=title, published=published),
+        feed_url=feed_url,
+        feed_title=feed_title,
+        title=title,
+        link=link,
+        summary=summary,
+        content=content if content != summary else "",
+        published=published,
+    )
+
+
+def _parse_json_feed(body: bytes, feed_url: str) -> ParsedFeed:
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FeedError(f"invalid JSON: {exc}") from exc
+    if not isinstance(doc, dict) or not str(doc.get("version", "")).startswith(
+        "https://jsonfeed.org/version/"
+    ):
+        raise FeedError("JSON document is not a JSON Feed (no jsonfeed.org version)")
+    base = str(doc.get("home_page_url") or feed_url)
+    feed_title = html_to_text(str(doc.get("title", "")))
+    items = doc.get("items")
+    if not isinstance(items, list):
+        raise FeedError("JSON Feed has no items list")
+    articles: list[Article] = []
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        title = html_to_text(str(item.get("title") or ""))
+        html_body = item.get("content_html") or ""
+        text_body = item.get("content_text") or ""
+        content = html_to_text(str(html_body)) if html_body else " ".join(str(text_body).split())
+        summary = html_to_text(str(item.get("summary") or "")) or content[:500]
+        if not title and not content:
+            continue
+        raw_link = item.get("url") or item.get("external_url") or ""
+        link = canonical_url(urljoin(base, str(raw_link))) if raw_link else ""
+        published = _parse_iso(item.get("date_published") or item.get("date_modified"))
+        articles.append(
+            Article(
+                article_id=article_id(
+                    guid=str(item.get("id") or ""),
+                    link=link,
+                    feed_url=feed_url,
+                    title=title,
+                    published=published,
+                ),
+                feed_url=feed_url,
+                feed_title=feed_title,
+                title=title,
+                link=link,
+                summary=summary,
+                content=content if content != summary else "",
+                published=published,
+            )
+        )
+    return ParsedFeed(title=feed_title, articles=articles)
+
+
+def article_id(
+    *, guid: str, link: str, feed_url: str, title: str, published: datetime | None
+) -> str:
+    """A stable id: from the guid, else the canonical link, else feed + title + date.
+
+    Guids and links identify an article wherever it is syndicated, so the same story arriving
+    through two feeds gets one id; only the last resort depends on the feed.
+    """
+    if guid.strip():
+        key = f"guid:{guid.strip()}"
+    elif link:
+        key = f"link:{link}"
+    else:
+        key = f"feed:{feed_url}|{title}|{published.isoformat() if published else ''}"
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def canonical_url(url: str) -> str:
+    """Drop the fragment and tracking parameters; lower-case scheme and host."""
+    parts = urlsplit(url.strip())
+    if parts.scheme.lower() not in ("http", "https"):
+        return url.strip()
+    query = urlencode(
+        [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not _TRACKING_PARAMS.match(k)]
+    )
+    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path or "/", query, ""))
+
+
+def _struct_to_datetime(value: Any) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromtimestamp(calendar.timegm(value), UTC)
+    except (OverflowError, ValueError, TypeError):
+        return None
+
+
+def _parse_iso(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+# HTML to text ---------------------------------------------------------------------------------
+
+_BLOCK_TAGS = frozenset(
+    "p div br li ul ol h1 h2 h3 h4 h5 h6 blockquote pre tr table section article header footer "
+    "figure figcaption hr dd dt".split()
+)
+_SKIPPED_TAGS = frozenset(("script", "style", "noscript", "template", "iframe", "object"))
+
+
+class _TextExtractor(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self._skipping = 0
+
+    def handle_starttag(self, tag: str, attrs: Iterable[tuple[str, str | None]]) -> None:
+        if tag in _SKIPPED_TAGS:
+            self._skipping += 1
+        elif tag in _BLOCK_TAGS:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in _SKIPPED_TAGS:
+            self._skipping = max(0, self._skipping - 1)
+        elif tag in _BLOCK_TAGS:
+            self.parts.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self._skipping:
+            self.parts.append(data)
+
+
+def html_to_text(markup: str) -> str:
+    """Reduce HTML to clean text: tags dropped, entities decoded, one line per block."""
+    if "<" not in markup and "&" not in markup:
+        return " ".join(markup.split())
+    extractor = _TextExtractor()
+    extractor.feed(markup)
+    extractor.close()
+    lines = (" ".join(line.split()) for line in "".join(extractor.parts).split("\n"))
+    return "\n".join(line for line in lines if line)

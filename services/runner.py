@@ -1,0 +1,133 @@
+"""The runner: wires settings, bus, store and services together, and runs them until a signal.
+
+Only the runner imports the three services; it is the composition root.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+import uvicorn
+from fastapi import APIRouter
+from sqlalchemy import MetaData
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.api import build_app
+from services.bus import Bus, open_bus
+from services.db import create_tables, open_engine
+from services.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ROLES = ("ingest", "classify", "alerts")
+
+
+class Service(Protocol):
+    name: str
+    metadata: MetaData | None
+    router: APIRouter
+
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+
+def build_services(
+    settings: Settings, bus: Bus, engine: AsyncEngine, roles: Sequence[str]
+) -> list[Service]:
+    """Construct the services named by ``roles`` from their seeds files."""
+    services: list[Service] = []
+    if "ingest" in roles:
+        from services.ingest.feeds import load_feeds
+        from services.ingest.service import IngestService
+
+        services.append(IngestService(settings, bus, engine, load_feeds(settings.feeds_file)))
+    if "classify" in roles:
+        from services.classify.model import SentenceTransformerEmbedder
+        from services.classify.service import ClassifyService
+        from services.classify.topics import load_topics
+
+        embedder = SentenceTransformerEmbedder(device=settings.model_device)
+        services.append(ClassifyService(settings, bus, embedder, load_topics(settings.topics_file)))
+    if "alerts" in roles:
+        from services.alerts.service import AlertsService
+        from services.alerts.subscriptions import load_subscriptions
+
+        subscriptions = load_subscriptions(settings.subscriptions_file)
+        services.append(AlertsService(settings, bus, engine, subscriptions))
+    return services
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the runner owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve(settings: Settings, roles: Sequence[str]) -> None:
+    """Run ``roles`` in this process, with one HTTP API, until SIGINT/SIGTERM."""
+    bus = open_bus(settings.bus_url, client_id="newsmon-" + "-".join(roles))
+    engine = open_engine(settings.database_url)
+    stop = asyncio.Event()
+    _install_signal_handlers(stop)
+    try:
+        services = await asyncio.to_thread(build_services, settings, bus, engine, roles)
+        await bus.start()
+        await create_tables(engine, [s.metadata for s in services if s.metadata is not None])
+
+        async def readiness() -> dict[str, bool]:
+            return {"bus": await bus.ready()}
+
+        app = build_app([s.router for s in services], readiness)
+        server = _Server(
+            uvicorn.Config(
+                app, host=settings.http_host, port=settings.http_port, log_config=None, lifespan="off"
+            )
+        )
+        log.info(
+            "newsmon %s: bus %s, database %s, API on http://%s:%d",
+            "+".join(roles), settings.bus_url, engine.url.render_as_string(hide_password=True),
+            settings.http_host, settings.http_port,
+        )  # fmt: skip
+
+        async def stop_server() -> None:
+            await stop.wait()
+            server.should_exit = True
+
+        async with asyncio.TaskGroup() as tasks:
+            for service in services:
+                tasks.create_task(_run_service(service, stop), name=service.name)
+            tasks.create_task(server.serve(), name="http")
+            tasks.create_task(stop_server())
+    finally:
+        await bus.close()
+        await engine.dispose()
+    log.info("newsmon stopped")
+
+
+async def _run_service(service: Service, stop: asyncio.Event) -> None:
+    try:
+        await service.run(stop)
+    finally:
+        # One service ending (by error) ends the process: the others are told to stop too.
+        stop.set()
+
+
+def _install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(128 + signum)
+        log.info("%s: stopping (send again to exit at once)", signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
