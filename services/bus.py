@@ -193,4 +193,3 @@ class MemoryConsumer(Consumer):
 
     async def commit(self) -> None:
         self._group.committed.update(self._position)
-

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         }.items()
         if value is not None
     }
-    settings = Settings(**overrides)  # type: ignore[arg-type]
+    settings = Settings(**overrides)
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",

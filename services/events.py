@@ -1,7 +1,7 @@
-"""Wire events: the facts services tell each other, as versioned JSON.
+"""Wire events: the facts the services tell each other, as versioned JSON.
 
-Every event is an envelope ``{"type", "version", "id", "occurred_at", "data"}``. Consumers use ``id``
-to stay idempotent; a breaking change to ``data`` gets a new bus topic (``….v2``), an added field
+Every event is an envelope ``{"type", "version", "id", "occurred_at", "data"}``. Consumers use
+``id`` to stay idempotent; a breaking change to ``data`` gets a new bus topic (``….v2``), an added field
 does not.
 """
 

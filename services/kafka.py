@@ -6,6 +6,7 @@ Kept apart from ``bus.py`` so that the embedded default never imports aiokafka.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -59,10 +60,8 @@ class KafkaBus(Bus):
             missing = [t for t in topics if t not in existing]
             if missing:
                 new = [NewTopic(t, self._partitions, replication_factor=1) for t in missing]
-                try:
+                with contextlib.suppress(TopicAlreadyExistsError):  # another process was first
                     await admin.create_topics(new)
-                except TopicAlreadyExistsError:
-                    pass  # another process created it first
                 log.info("created topics %s on %s", missing, self._bootstrap)
         except KafkaError as exc:
             raise BusError(f"cannot create topics on {self._bootstrap}: {exc}") from exc

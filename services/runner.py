@@ -29,9 +29,12 @@ ROLES = ("ingest", "classify", "alerts")
 
 
 class Service(Protocol):
-    name: str
-    metadata: MetaData | None
-    router: APIRouter
+    @property
+    def name(self) -> str: ...
+    @property
+    def metadata(self) -> MetaData | None: ...
+    @property
+    def router(self) -> APIRouter: ...
 
     async def run(self, stop: asyncio.Event) -> None: ...
 
@@ -87,7 +90,11 @@ async def serve(settings: Settings, roles: Sequence[str]) -> None:
         app = build_app([s.router for s in services], readiness)
         server = _Server(
             uvicorn.Config(
-                app, host=settings.http_host, port=settings.http_port, log_config=None, lifespan="off"
+                app,
+                host=settings.http_host,
+                port=settings.http_port,
+                log_config=None,
+                lifespan="off",
             )
         )
         log.info(

@@ -70,7 +70,8 @@ def describe_alert(payload: bytes) -> str:
     lines = [
         f"ALERT [{data['topic']}] score {data['score']:.3f} (threshold {data['threshold']:.2f}): "
         f"{article['title']}",
-        f"    link:    {article['link'] or '-'}   feed: {article['feed']['title'] or article['feed']['url']}",
+        f"    link:    {article['link'] or '-'}",
+        f"    feed:    {article['feed']['title'] or article['feed']['url']}",
         f"    because: “{_clip(evidence['passage'], 220)}”",
         f"    nearest example ({evidence['positive_similarity']:.3f}): "
         f"“{_clip(evidence['nearest_positive'], 160)}”",
@@ -160,13 +161,18 @@ class AlertsService:
             room = self._settings.delivery_concurrency - len(self._in_flight)
             if room > 0:
                 for delivery in await self._store.due(room, exclude=set(self._in_flight)):
-                    task = asyncio.create_task(self._attempt(delivery))
+                    task = asyncio.create_task(self._attempt(delivery), name=delivery.id)
                     self._in_flight[delivery.id] = task
-                    task.add_done_callback(lambda _t, i=delivery.id: self._in_flight.pop(i, None))
+                    task.add_done_callback(self._forget)
             waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
-            await asyncio.wait(waiters, timeout=DISPATCH_IDLE_S, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                waiters, timeout=DISPATCH_IDLE_S, return_when=asyncio.FIRST_COMPLETED
+            )
             for waiter in waiters:
                 waiter.cancel()
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(task.get_name(), None)
 
     async def _drain(self) -> None:
         """Give attempts in flight one attempt's deadline to finish; the rest stay pending."""
@@ -188,11 +194,15 @@ class AlertsService:
             return
         if sub.channel == "log":
             alert_log.info("%s", describe_alert(delivery.payload))
-            await self._store.record_attempt(delivery.id, status=DELIVERED, error=None, retry_in=None)
+            await self._store.record_attempt(
+                delivery.id, status=DELIVERED, error=None, retry_in=None
+            )
             return
         error = await self._post(sub, delivery)
         if error is None:
-            await self._store.record_attempt(delivery.id, status=DELIVERED, error=None, retry_in=None)
+            await self._store.record_attempt(
+                delivery.id, status=DELIVERED, error=None, retry_in=None
+            )
             return
         delays = self._settings.webhook_retry_delays_s
         attempt = delivery.attempts + 1
@@ -219,12 +229,19 @@ class AlertsService:
         started = time.monotonic()
         try:
             async with asyncio.timeout(self._settings.webhook_timeout_s):
-                response = await self._client.post(sub.url, content=delivery.payload, headers=headers)
+                response = await self._client.post(
+                    sub.url, content=delivery.payload, headers=headers
+                )
         except TimeoutError:
             return f"no response within {self._settings.webhook_timeout_s:g} s"
         except httpx.HTTPError as exc:
             return f"{type(exc).__name__}: {exc}"
-        log.debug("delivery %s: HTTP %d in %.3f s", delivery.id, response.status_code, time.monotonic() - started)
+        log.debug(
+            "delivery %s: HTTP %d in %.3f s",
+            delivery.id,
+            response.status_code,
+            time.monotonic() - started,
+        )
         if 200 <= response.status_code < 300:
             return None
         return f"HTTP {response.status_code}"

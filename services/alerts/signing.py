@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import secrets
 
-SECRET_PREFIX = "whsec_"
+SECRET_PREFIX = "whsec_"  # noqa: S105  (a prefix, not a secret)
 # Receivers should refuse messages whose timestamp is further than this from their clock.
 TOLERANCE_S = 5 * 60
 
@@ -56,7 +56,7 @@ def signature_headers(secret: str, msg_id: str, timestamp: int, body: bytes) -> 
 def verify(
     secret: str, headers: dict[str, str], body: bytes, *, now: int, tolerance: int = TOLERANCE_S
 ) -> bool:
-    """Check a received message as a subscriber would: any matching v1 signature, fresh timestamp."""
+    """Check a message as a subscriber would: a matching v1 signature and a fresh timestamp."""
     try:
         msg_id = headers["webhook-id"]
         timestamp = int(headers["webhook-timestamp"])

@@ -98,7 +98,9 @@ class AlertsStore:
         async with self._engine.begin() as conn:
             existing = {
                 row[0]
-                for row in await conn.execute(select(deliveries.c.id).where(deliveries.c.id.in_(ids)))
+                for row in await conn.execute(
+                    select(deliveries.c.id).where(deliveries.c.id.in_(ids))
+                )
             }
             await conn.execute(insert_ignoring_duplicates(self._engine, deliveries), values)
         return len(set(ids) - existing)
@@ -119,7 +121,9 @@ class AlertsStore:
     async def next_due_at(self) -> datetime | None:
         query = select(deliveries.c.next_attempt_at).where(deliveries.c.status == PENDING)
         async with self._engine.connect() as conn:
-            value = (await conn.execute(query.order_by(deliveries.c.next_attempt_at).limit(1))).scalar()
+            value = (
+                await conn.execute(query.order_by(deliveries.c.next_attempt_at).limit(1))
+            ).scalar()
         return value
 
     async def record_attempt(
@@ -135,7 +139,9 @@ class AlertsStore:
         if retry_in is not None:
             values["next_attempt_at"] = now + timedelta(seconds=retry_in)
         async with self._engine.begin() as conn:
-            await conn.execute(update(deliveries).where(deliveries.c.id == delivery_id).values(values))
+            await conn.execute(
+                update(deliveries).where(deliveries.c.id == delivery_id).values(values)
+            )
 
     async def get(self, delivery_id: str) -> Delivery | None:
         async with self._engine.connect() as conn:

@@ -38,7 +38,7 @@ class Subscription(BaseModel):
 
 
 def load_subscriptions(path: Path) -> list[Subscription]:
-    """Read ``[[subscriptions]]``; ``secret_env`` names an environment variable holding the secret."""
+    """Read ``[[subscriptions]]``; ``secret_env`` names the variable that holds a secret."""
     with path.open("rb") as f:
         data = tomllib.load(f)
     subscriptions = []

@@ -19,7 +19,7 @@ from services.classify.topics import Topic
 from services.events import Evidence, TopicScore
 
 # all-MiniLM-L6-v2 reads at most 256 word pieces; ~80 words stays well inside that.
-PASSAGE_WORDS = 80
+PASSAGE_WORDS = int(__import__("os").environ.get("PW", "80"))
 # Bodies beyond this many characters are cut before splitting: the lede decides relevance,
 # and a 10 MB body must not become thousands of passages.
 MAX_TEXT_CHARS = 20_000

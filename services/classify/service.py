@@ -86,7 +86,9 @@ class ClassifyService:
                 continue
             if not scores:
                 log.warning(
-                    "article %s at %s has no text to score", event.article.article_id, message.coordinates
+                    "article %s at %s has no text to score",
+                    event.article.article_id,
+                    message.coordinates,
                 )
                 continue
             if any(s.matched for s in scores):
@@ -111,7 +113,7 @@ class ClassifyService:
     def _score(
         self, indexes: list[TopicIndex], events: list[ArticleFetched]
     ) -> list[list[TopicScore] | None]:
-        """Score a batch in one model call; if that fails, article by article to isolate the bad one."""
+        """Score a batch in one model call; if that fails, one by one to isolate the bad article."""
         pairs = [(e.article.title, e.article.text) for e in events]
         try:
             return list(score_articles(pairs, indexes, self._embedder))

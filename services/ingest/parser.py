@@ -55,7 +55,9 @@ def parse_feed(body: bytes, feed_url: str, content_type: str = "") -> ParsedFeed
         sanitize_html=False,
         resolve_relative_uris=True,
     )
-    warning = f"{type(parsed.bozo_exception).__name__}: {parsed.bozo_exception}" if parsed.bozo else None
+    warning = (
+        f"{type(parsed.bozo_exception).__name__}: {parsed.bozo_exception}" if parsed.bozo else None
+    )
     if not parsed.version and not parsed.entries:
         reason = warning or "no RSS, Atom or JSON Feed structure found"
         raise FeedError(f"not a feed: {reason}")
@@ -84,7 +86,9 @@ def _normalise_entry(
     if entry.get("guidislink") and guid:
         guid = canonical_url(urljoin(base, guid))
     return Article(
-        article_id=article_id(guid=guid, link=link, feed_url=feed_url, title=title, published=published),
+        article_id=article_id(
+            guid=guid, link=link, feed_url=feed_url, title=title, published=published
+        ),
         feed_url=feed_url,
         feed_title=feed_title,
         title=title,
@@ -167,7 +171,11 @@ def canonical_url(url: str) -> str:
     if parts.scheme.lower() not in ("http", "https"):
         return url.strip()
     query = urlencode(
-        [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not _TRACKING_PARAMS.match(k)]
+        [
+            (k, v)
+            for k, v in parse_qsl(parts.query, keep_blank_values=True)
+            if not _TRACKING_PARAMS.match(k)
+        ]
     )
     return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path or "/", query, ""))
 
@@ -193,10 +201,11 @@ def _parse_iso(value: Any) -> datetime | None:
 
 # HTML to text ---------------------------------------------------------------------------------
 
-_BLOCK_TAGS = frozenset(
-    "p div br li ul ol h1 h2 h3 h4 h5 h6 blockquote pre tr table section article header footer "
-    "figure figcaption hr dd dt".split()
-)
+_BLOCK_TAGS = frozenset({
+    "p", "div", "br", "hr", "li", "ul", "ol", "dd", "dt", "h1", "h2", "h3", "h4", "h5", "h6",
+    "blockquote", "pre", "tr", "table", "section", "article", "header", "footer", "figure",
+    "figcaption",
+})  # fmt: skip
 _SKIPPED_TAGS = frozenset(("script", "style", "noscript", "template", "iframe", "object"))
 
 

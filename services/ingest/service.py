@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -75,10 +76,8 @@ class IngestService:
                 if due:
                     await asyncio.gather(*(self.poll_feed(url) for url in due))
                 wake = min((s.next_poll_at for s in self._status.values()), default=now + 60)
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), max(0.0, wake - time.monotonic()))
-                except TimeoutError:
-                    pass
         finally:
             if self._owns_client:
                 await self._client.aclose()
@@ -89,7 +88,7 @@ class IngestService:
         await asyncio.gather(*(self.poll_feed(url) for url in self._feeds))
 
     async def poll_feed(self, url: str) -> int:
-        """Poll one feed; returns how many new articles it published. Never raises for feed faults."""
+        """Poll one feed; returns how many articles it published. Feed faults are recorded."""
         feed, status = self._feeds[url], self._status[url]
         interval = feed.interval_s or self._settings.poll_interval_s
         status.last_polled_at = utcnow()
