@@ -1,8 +1,8 @@
 """Wire events: the facts the services tell each other, as versioned JSON.
 
 Every event is an envelope ``{"type", "version", "id", "occurred_at", "data"}``. Consumers use
-``id`` to stay idempotent; a breaking change to ``data`` gets a new bus topic (``….v2``), an added field
-does not.
+``id`` to stay idempotent; a breaking change to ``data`` gets a new bus topic (``….v2``), an
+added field does not.
 """
 
 from __future__ import annotations
