@@ -1,9 +1,12 @@
 """Scoring articles against topics: plain functions over texts and unit vectors.
 
-An article is split into passages; each passage is compared with a topic's description and
-positive examples and with its counter-examples. A passage nearer to a counter-example than to
-any positive example is penalised by the gap, so near-misses fall below the threshold. The
-article's score for a topic is its best passage's score, so one article can match many topics.
+An article is split into passages: the title, the title joined to the lede, and the body in
+short runs of whole sentences. Each passage is scored against a topic like a k-nearest-neighbour
+vote: the mean cosine similarity of its ``TOP_K`` nearest positives (description and examples)
+minus ``NEGATIVE_WEIGHT`` times the mean similarity of its ``TOP_K`` nearest counter-examples,
+mapped onto [0, 1] as ``0.5 + 0.5 * (pos - NEGATIVE_WEIGHT * neg)``. A passage that resembles
+the near-misses more than the topic loses score smoothly rather than by a cliff. The article's
+score for a topic is its best passage's score, so one article can match many topics.
 """
 
 from __future__ import annotations
@@ -13,17 +16,26 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from services.classify.model import Embedder, Vectors
 from services.classify.topics import Topic
 from services.events import Evidence, TopicScore
 
-# all-MiniLM-L6-v2 reads at most 256 word pieces; ~80 words stays well inside that.
-PASSAGE_WORDS = int(__import__("os").environ.get("PW", "80"))
+# all-MiniLM-L6-v2 reads at most 256 word pieces. Short passages keep one mention (a seizure, an
+# extradition) from being diluted by the rest of a long paragraph; 40 words scored best on half
+# of the dev set and held on the other half (bench/evaluate.py).
+PASSAGE_WORDS = 40
 # Bodies beyond this many characters are cut before splitting: the lede decides relevance,
 # and a 10 MB body must not become thousands of passages.
 MAX_TEXT_CHARS = 20_000
 MAX_PASSAGES = 48
+# How many nearest reference texts vote on each side, and how much the counter-examples weigh
+# against the positives. Chosen on half of the dev set (bench/evaluate.py): a vote of three is
+# steadier than the single nearest example, and a full-weight penalty rejected true matches
+# that merely share scenery with a near-miss.
+TOP_K = 3
+NEGATIVE_WEIGHT = 0.5
 
 _SENTENCE_END = re.compile(r"(?<=[.!?…])[\"”’)\]]*\s+(?=[\"“‘(\[]?[A-Z0-9¿¡])")
 _PARAGRAPHS = re.compile(r"\n")
@@ -32,14 +44,21 @@ _PARAGRAPHS = re.compile(r"\n")
 def split_passages(title: str, text: str) -> list[str]:
     """Split an article into passages of whole sentences, at most ~``PASSAGE_WORDS`` words.
 
-    The title is a passage of its own. A line break (a paragraph, in text extracted from a feed)
-    always ends a passage; within a paragraph
-    sentences are packed greedily.
+    The title is a passage of its own, followed (when there is a body) by the title joined to the
+    first body passage, which reads a headline in the context its lede gives it. A line break (a
+    paragraph, in text extracted from a feed) always ends a passage; within a paragraph sentences
+    are packed greedily. At most ``MAX_PASSAGES`` passages are returned.
     """
-    passages: list[str] = []
     title = " ".join(title.split())
-    if title:
-        passages.append(title)
+    body = _split_body(text)
+    passages = [title] if title else []
+    if title and body:
+        passages.append(f"{title.rstrip('.')}. {body[0]}")
+    return (passages + body)[:MAX_PASSAGES]
+
+
+def _split_body(text: str) -> list[str]:
+    passages: list[str] = []
     for paragraph in _PARAGRAPHS.split(text[:MAX_TEXT_CHARS]):
         paragraph = " ".join(paragraph.split())
         if not paragraph:
@@ -55,7 +74,9 @@ def split_passages(title: str, text: str) -> list[str]:
             words += n
         if current:
             passages.append(" ".join(current))
-    return passages[:MAX_PASSAGES]
+        if len(passages) >= MAX_PASSAGES:
+            break
+    return passages
 
 
 @dataclass(frozen=True)
@@ -93,34 +114,46 @@ def index_topics(topics: Sequence[Topic], embedder: Embedder) -> list[TopicIndex
     return indexes
 
 
+def _top_k(similarities: Vectors, k: int) -> tuple[Vectors, npt.NDArray[np.intp]]:
+    """Per row: the mean of the ``k`` largest similarities, and the column of the largest."""
+    k = min(k, similarities.shape[1])
+    top = np.partition(similarities, similarities.shape[1] - k, axis=1)[:, -k:]
+    return top.mean(axis=1), similarities.argmax(axis=1)
+
+
 def score_topic(passages: Sequence[str], passage_vectors: Vectors, index: TopicIndex) -> TopicScore:
-    """Score one article's passages against one topic; the best passage decides."""
+    """Score one article's passages against one topic; the best passage decides.
+
+    ``score = clip(0.5 + 0.5 * (pos - NEGATIVE_WEIGHT * neg), 0, 1)`` where ``pos`` and ``neg``
+    are the passage's mean cosine similarity to its ``TOP_K`` nearest positives and nearest
+    counter-examples (``neg`` is 0 for a topic without counter-examples). The evidence names the
+    deciding passage and its single nearest positive and counter-example, with their similarity.
+    """
     if not passages:
         raise ValueError("an article needs at least one passage to be scored")
     pos_sims = passage_vectors @ index.positive_vectors.T
-    best_pos = pos_sims.argmax(axis=1)
-    pos = pos_sims[np.arange(len(passages)), best_pos]
-    if len(index.negatives):
+    pos, best_pos = _top_k(pos_sims, TOP_K)
+    has_negatives = len(index.negatives) > 0
+    if has_negatives:
         neg_sims = passage_vectors @ index.negative_vectors.T
-        best_neg = neg_sims.argmax(axis=1)
-        neg = neg_sims[np.arange(len(passages)), best_neg]
-        scores = pos - np.maximum(0.0, neg - pos)
+        neg, best_neg = _top_k(neg_sims, TOP_K)
     else:
-        scores = pos
+        neg = np.zeros(len(passages), dtype=np.float32)
+    scores = np.clip(0.5 + 0.5 * (pos - NEGATIVE_WEIGHT * neg), 0.0, 1.0)
     p = int(scores.argmax())
-    score = float(np.clip(scores[p], 0.0, 1.0))
+    score = round(float(scores[p]), 4)
     topic = index.topic
     evidence = Evidence(
         passage=passages[p],
         nearest_positive=index.positives[int(best_pos[p])],
-        positive_similarity=round(float(pos[p]), 4),
-        nearest_negative=index.negatives[int(best_neg[p])] if len(index.negatives) else None,
-        negative_similarity=round(float(neg[p]), 4) if len(index.negatives) else None,
+        positive_similarity=round(float(pos_sims[p, best_pos[p]]), 4),
+        nearest_negative=index.negatives[int(best_neg[p])] if has_negatives else None,
+        negative_similarity=round(float(neg_sims[p, best_neg[p]]), 4) if has_negatives else None,
     )
     return TopicScore(
         topic=topic.slug,
         topic_version=topic.version,
-        score=round(score, 4),
+        score=score,
         threshold=topic.threshold,
         matched=score >= topic.threshold,
         evidence=evidence,

@@ -1,0 +1,173 @@
+"""Unit tests of the scoring core with a fake embedder: no model, milliseconds."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from services.classify.model import Vectors
+from services.classify.scoring import (
+    MAX_PASSAGES,
+    MAX_TEXT_CHARS,
+    PASSAGE_WORDS,
+    index_topics,
+    score_articles,
+    score_topic,
+    split_passages,
+)
+from services.classify.topics import Topic
+from services.events import TopicScore
+
+
+class FakeEmbedder:
+    """Maps each known text to a fixed unit vector; unknown texts to a vector of their own."""
+
+    def __init__(self, vectors: dict[str, Sequence[float]]) -> None:
+        self.vectors = {t: np.asarray(v, dtype=np.float32) for t, v in vectors.items()}
+        self.calls: list[list[str]] = []
+
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        self.calls.append(list(texts))
+        rows = [self.vectors.get(t, np.array([0.0, 0.0, 0.0, 1.0])) for t in texts]
+        if not rows:
+            return np.zeros((0, 4), dtype=np.float32)
+        m = np.stack(rows).astype(np.float32)
+        return m / np.linalg.norm(m, axis=1, keepdims=True)
+
+
+# --- split_passages ---------------------------------------------------------------------------
+
+
+def test_title_is_its_own_passage_then_title_with_lede() -> None:
+    passages = split_passages("  Big   news ", "First sentence. Second one.")
+    assert passages[0] == "Big news"
+    assert passages[1] == "Big news. First sentence. Second one."
+    assert passages[2] == "First sentence. Second one."
+
+
+def test_long_paragraph_splits_at_sentence_ends() -> None:
+    sentence = "Word " + " ".join(["word"] * 14) + "."
+    paragraph = " ".join([sentence] * 10)  # 150 words
+    passages = split_passages("", paragraph)
+    assert len(passages) > 1
+    for p in passages:
+        assert p.endswith(".")
+        assert len(p.split()) <= PASSAGE_WORDS
+    assert " ".join(passages) == paragraph
+
+
+def test_line_break_ends_a_passage() -> None:
+    assert split_passages("", "One para.\n\nAnother para.") == ["One para.", "Another para."]
+
+
+def test_ten_megabyte_body_gives_bounded_passages() -> None:
+    body = ("A sentence of eight words stands right here. " * 250_000)[: 10 * 1024 * 1024]
+    passages = split_passages("Title", body)
+    assert 1 < len(passages) <= MAX_PASSAGES
+    assert sum(len(p) for p in passages) <= 2 * MAX_TEXT_CHARS
+
+
+def test_ten_megabyte_body_without_punctuation_is_cut() -> None:
+    passages = split_passages("Title", "x" * (10 * 1024 * 1024))
+    assert len(passages) <= 3
+    assert all(len(p) <= MAX_TEXT_CHARS + len("Title. ") for p in passages)
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\n\t \n"])
+def test_whitespace_only_text_gives_only_the_title(text: str) -> None:
+    assert split_passages("Title", text) == ["Title"]
+    assert split_passages("  ", text) == []
+
+
+# --- index_topics / score_topic ---------------------------------------------------------------
+
+# Axes: 0 = the topic, 1 = the near-miss scenery, 2 = unrelated, 3 = unknown text.
+VECTORS = {
+    "Extradition of suspects between countries.": [1, 0, 0, 0],
+    "Mexico extradited a drug lord to the US.": [0.9, 0.3, 0, 0],
+    "A court approved extradition to Spain.": [0.95, 0, 0.1, 0],
+    "Suspect waived extradition from Idaho to Ohio.": [0.3, 1, 0, 0],
+    "Fugitive returned from Texas to Georgia.": [0.2, 1, 0.1, 0],
+    "Mexico sends cartel boss to face US trial.": [0.92, 0.2, 0, 0],
+    "Murder suspect waives extradition to Idaho.": [0.35, 1, 0, 0],
+    "Weather was sunny.": [0, 0, 1, 0],
+}
+TOPIC = Topic(
+    slug="extradition",
+    name="Extradition",
+    description="Extradition of suspects between countries.",
+    examples=("Mexico extradited a drug lord to the US.", "A court approved extradition to Spain."),
+    counter_examples=(
+        "Suspect waived extradition from Idaho to Ohio.",
+        "Fugitive returned from Texas to Georgia.",
+    ),
+    threshold=0.6,
+)
+
+
+def test_index_topics_embeds_everything_in_one_call() -> None:
+    embedder = FakeEmbedder(VECTORS)
+    [index] = index_topics([TOPIC], embedder)
+    assert len(embedder.calls) == 1
+    assert index.positives == (TOPIC.description, *TOPIC.examples)
+    assert index.negatives == TOPIC.counter_examples
+    assert index.positive_vectors.shape == (3, 4)
+    assert index.negative_vectors.shape == (2, 4)
+
+
+def _score(title: str, text: str = "", topic: Topic = TOPIC) -> TopicScore:
+    embedder = FakeEmbedder(VECTORS)
+    [[result]] = score_articles([(title, text)], index_topics([topic], embedder), embedder)
+    return result
+
+
+def test_true_match_scores_above_threshold_with_evidence() -> None:
+    result = _score("Mexico sends cartel boss to face US trial.")
+    assert result.matched
+    assert 0.0 <= result.score <= 1.0
+    ev = result.evidence
+    assert ev.passage == "Mexico sends cartel boss to face US trial."
+    assert ev.nearest_positive == "Mexico extradited a drug lord to the US."
+    assert ev.nearest_negative == "Suspect waived extradition from Idaho to Ohio."
+    assert ev.positive_similarity > ev.negative_similarity
+
+
+def test_counter_examples_pull_a_near_miss_below_threshold() -> None:
+    near_miss = "Murder suspect waives extradition to Idaho."
+    without = TOPIC.model_copy(update={"counter_examples": ()})
+    assert _score(near_miss, topic=without).matched
+    result = _score(near_miss)
+    assert not result.matched
+    assert result.evidence.nearest_negative == "Suspect waived extradition from Idaho to Ohio."
+    assert result.evidence.negative_similarity > 0.99
+
+
+def test_best_passage_decides_and_is_named() -> None:
+    result = _score(
+        "Weather was sunny.", "Weather was sunny.\nMexico sends cartel boss to face US trial."
+    )
+    assert result.matched
+    assert result.evidence.passage == "Mexico sends cartel boss to face US trial."
+
+
+def test_unrelated_article_scores_low_and_scores_stay_in_range() -> None:
+    result = _score("Weather was sunny.")
+    assert not result.matched
+    assert 0.0 <= result.score < 0.6
+
+
+def test_score_topic_needs_a_passage() -> None:
+    [index] = index_topics([TOPIC], FakeEmbedder(VECTORS))
+    with pytest.raises(ValueError):
+        score_topic([], np.zeros((0, 4), dtype=np.float32), index)
+
+
+def test_empty_article_gets_no_scores_and_disabled_topics_are_skipped() -> None:
+    embedder = FakeEmbedder(VECTORS)
+    disabled = TOPIC.model_copy(update={"slug": "off", "enabled": False})
+    indexes = index_topics([TOPIC, disabled], embedder)
+    results = score_articles([("", "  "), ("Weather was sunny.", "")], indexes, embedder)
+    assert results[0] == []
+    assert [s.topic for s in results[1]] == ["extradition"]
