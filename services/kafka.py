@@ -98,6 +98,10 @@ class KafkaBus(Bus):
             group_id=group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            # Short timeouts: a dead member's partitions move to the others within seconds.
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=1_000,
+            rebalance_timeout_ms=10_000,
         )
         try:
             await consumer.start()

@@ -73,12 +73,18 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def serve(settings: Settings, roles: Sequence[str]) -> None:
-    """Run ``roles`` in this process, with one HTTP API, until SIGINT/SIGTERM."""
+async def serve(
+    settings: Settings, roles: Sequence[str], stop: asyncio.Event | None = None
+) -> None:
+    """Run ``roles`` in this process, with one HTTP API, until ``stop`` is set.
+
+    Without a ``stop`` event of the caller's, SIGINT and SIGTERM set one.
+    """
     bus = open_bus(settings.bus_url, client_id="newsmon-" + "-".join(roles))
     engine = open_engine(settings.database_url)
-    stop = asyncio.Event()
-    _install_signal_handlers(stop)
+    if stop is None:
+        stop = asyncio.Event()
+        _install_signal_handlers(stop)
     try:
         services = await asyncio.to_thread(build_services, settings, bus, engine, roles)
         await bus.start()
@@ -103,7 +109,7 @@ async def serve(settings: Settings, roles: Sequence[str]) -> None:
             settings.http_host, settings.http_port,
         )  # fmt: skip
 
-        async def stop_server() -> None:
+        async def stop_server(stop: asyncio.Event) -> None:
             await stop.wait()
             server.should_exit = True
 
@@ -111,7 +117,7 @@ async def serve(settings: Settings, roles: Sequence[str]) -> None:
             for service in services:
                 tasks.create_task(_run_service(service, stop), name=service.name)
             tasks.create_task(server.serve(), name="http")
-            tasks.create_task(stop_server())
+            tasks.create_task(stop_server(stop))
     finally:
         await bus.close()
         await engine.dispose()

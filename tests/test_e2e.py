@@ -1,0 +1,184 @@
+"""End to end: a loopback feed with the seed article becomes signed webhooks, and nothing else does.
+
+Once in one process on the memory bus, and once as three `newsmon` processes on a Kafka-protocol
+broker (Tansu). Signatures are checked here with hmac directly, not with newsmon's signer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import httpx
+import pytest
+
+from services.runner import ROLES, serve
+from services.settings import Settings
+from tests.conftest import ROOT, Broker, LoopbackServer, Received, Reply, free_port
+
+pytestmark = pytest.mark.model
+
+SECRET = "whsec_" + base64.b64encode(b"end-to-end-test-secret-0123456789").decode()
+SEED_TOPICS = {"fentanyl", "cartel-arrests", "extradition", "us-mexico-summit"}
+
+UNRELATED = [
+    ("City council approves new bike lanes downtown",
+     "The council voted 7-2 to add protected bike lanes on three avenues, with work starting in spring."),
+    ("Tech shares lift stock markets to a weekly gain",
+     "Chipmakers led a broad rally as investors bet on lower interest rates next year."),
+    ("Recipe: a simple lemon olive-oil cake",
+     "This moist cake needs one bowl, five ingredients and forty minutes in the oven."),
+    ("Local team clinches the championship in overtime",
+     "A last-second goal sealed the title in front of a sold-out home crowd on Sunday night."),
+]  # fmt: skip
+
+
+def feed_with_seed_article() -> bytes:
+    """The seed feed's item plus a few unrelated items, as one RSS document."""
+    seed = (ROOT / "seeds/feeds/seed-article.xml").read_text()
+    seed_item = seed[seed.index("<item>") : seed.index("</item>") + len("</item>")]
+    others = "".join(
+        f"<item><title>{escape(t)}</title><link>https://news.example.org/{i}</link>"
+        f"<description>{escape(d)}</description></item>"
+        for i, (t, d) in enumerate(UNRELATED)
+    )
+    return (
+        '<?xml version="1.0" encoding="utf-8"?>'
+        '<rss version="2.0" xmlns:content="http://purl.org/rss/1.0/modules/content/"><channel>'
+        f"<title>Loopback news</title><link>https://news.example.org/</link>{others}{seed_item}"
+        "</channel></rss>"
+    ).encode()
+
+
+def verify_standard_webhook(request: Received) -> dict[str, object]:
+    """Check the Standard Webhooks signature from first principles; return the decoded body."""
+    msg_id = request.headers["webhook-id"]
+    timestamp = request.headers["webhook-timestamp"]
+    assert abs(time.time() - int(timestamp)) < 300
+    key = base64.b64decode(SECRET.removeprefix("whsec_"))
+    expected = base64.b64encode(
+        hmac.new(key, f"{msg_id}.{timestamp}.".encode() + request.body, hashlib.sha256).digest()
+    ).decode()
+    offered = [s.removeprefix("v1,") for s in request.headers["webhook-signature"].split()]
+    assert expected in offered, "signature does not verify"
+    body = json.loads(request.body)
+    assert isinstance(body, dict)
+    return body
+
+
+def write_seeds(tmp_path: Path, server: LoopbackServer, secret: str | None) -> dict[str, str]:
+    """Seeds files for a test run; returns them as NEWSMON_* settings."""
+    (tmp_path / "feeds.toml").write_text(f'[[feeds]]\nurl = "{server.url("/feed.xml")}"\n')
+    secret_line = f'secret = "{secret}"' if secret else 'secret_env = "E2E_WEBHOOK_SECRET"'
+    (tmp_path / "subscriptions.toml").write_text(
+        f'[[subscriptions]]\nid = "e2e"\nchannel = "webhook"\nurl = "{server.url("/hook")}"\n'
+        f"{secret_line}\n"
+    )
+    return {
+        "NEWSMON_FEEDS_FILE": str(tmp_path / "feeds.toml"),
+        "NEWSMON_SUBSCRIPTIONS_FILE": str(tmp_path / "subscriptions.toml"),
+        "NEWSMON_TOPICS_FILE": str(ROOT / "seeds/topics.toml"),
+        "NEWSMON_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'newsmon.db'}",
+    }
+
+
+async def wait_for_webhooks(server: LoopbackServer, count: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while len(server.requests_to("/hook")) < count:
+        if time.monotonic() > deadline:
+            pytest.fail(f"only {len(server.requests_to('/hook'))} of {count} webhooks arrived")
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1.0)  # anything extra (an unrelated item, a duplicate) would arrive now
+
+
+def check_alerts(server: LoopbackServer) -> float:
+    """Exactly one verified webhook per seed topic, all for the seed article; returns latency."""
+    hooks = server.requests_to("/hook")
+    bodies = [verify_standard_webhook(r) for r in hooks]
+    topics = [b["data"]["topic"] for b in bodies]  # type: ignore[index]
+    assert sorted(topics) == sorted(SEED_TOPICS)
+    titles = {b["data"]["article"]["title"] for b in bodies}  # type: ignore[index]
+    assert titles == {"Can the US and AMLO stop the cartel’s deadly flow of fentanyl?"}
+    assert len({r.headers["webhook-id"] for r in hooks}) == len(hooks)
+    for body in bodies:
+        data = body["data"]
+        assert data["score"] >= data["threshold"]  # type: ignore[index,operator]
+        assert data["evidence"]["passage"]  # type: ignore[index]
+    fetched_at = server.requests_to("/feed.xml")[0].at
+    return max(r.at for r in hooks) - fetched_at
+
+
+async def test_memory_bus_end_to_end(tmp_path: Path, http_server: LoopbackServer) -> None:
+    http_server.routes["/feed.xml"] = Reply(
+        200, feed_with_seed_article(), {"content-type": "application/rss+xml"}
+    )
+    http_server.routes["/hook"] = Reply(204)
+    port = free_port()
+    settings = Settings(
+        **{k.removeprefix("NEWSMON_").lower(): v for k, v in write_seeds(tmp_path, http_server, SECRET).items()},
+        bus_url="memory://",
+        http_port=port,
+    )  # fmt: skip
+    stop = asyncio.Event()
+    running = asyncio.create_task(serve(settings, ROLES, stop))
+    try:
+        await wait_for_webhooks(http_server, len(SEED_TOPICS), timeout=60)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as api:
+            assert (await api.get("/healthz")).json() == {"status": "ok"}
+            topics = (await api.get("/topics")).json()
+            assert {t["slug"] for t in topics} == SEED_TOPICS
+            feeds = (await api.get("/feeds")).json()
+            assert feeds[0]["items_published"] == len(UNRELATED) + 1
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 30)
+    latency = check_alerts(http_server)
+    print(f"\nmemory bus: feed fetched -> last of 4 webhooks received in {latency:.3f} s")
+
+
+@pytest.mark.kafka
+async def test_kafka_end_to_end_three_processes(
+    tmp_path: Path, http_server: LoopbackServer, kafka: Broker
+) -> None:
+    http_server.routes["/feed.xml"] = Reply(
+        200, feed_with_seed_article(), {"content-type": "application/rss+xml"}
+    )
+    http_server.routes["/hook"] = Reply(204)
+    env = {
+        **os.environ,
+        **write_seeds(tmp_path, http_server, secret=None),
+        "E2E_WEBHOOK_SECRET": SECRET,
+        "NEWSMON_BUS_URL": kafka.url,
+        "NEWSMON_HTTP_PORT": "0",
+    }
+    logs = {role: (tmp_path / f"{role}.log").open("wb") for role in ROLES}
+    # Downstream first, so that consumers are in their groups when the article arrives.
+    processes = {
+        role: subprocess.Popen(
+            [sys.executable, "-m", "services.cli", role], env=env, stdout=logs[role], stderr=subprocess.STDOUT
+        )
+        for role in reversed(ROLES)
+    }  # fmt: skip
+    try:
+        await wait_for_webhooks(http_server, len(SEED_TOPICS), timeout=120)
+        for role, process in processes.items():
+            assert process.poll() is None, f"{role} exited early:\n" + (tmp_path / f"{role}.log").read_text()
+    finally:
+        for process in processes.values():
+            process.send_signal(signal.SIGTERM)
+        codes = {role: p.wait(timeout=40) for role, p in processes.items()}
+        for f in logs.values():
+            f.close()
+    assert codes == dict.fromkeys(ROLES, 0), {r: (tmp_path / f"{r}.log").read_text()[-2000:] for r in ROLES}
+    latency = check_alerts(http_server)
+    print(f"\nkafka: feed fetched -> last of 4 webhooks received in {latency:.3f} s")
