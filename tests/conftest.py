@@ -5,19 +5,23 @@ With ``CI=true`` a missing broker binary, database or model fails the run instea
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import make_url, text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from services.db import open_engine
 
@@ -97,6 +101,37 @@ def kafka() -> Iterator[Broker]:
 # Databases --------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A database of this test run's own on the PostgreSQL server, dropped at the end.
+
+    Its own database keeps concurrent runs (two checkouts, a developer and CI) apart.
+    """
+    admin_url = make_url(POSTGRES_URL)
+    name = f"newsmon_test_{uuid.uuid4().hex[:12]}"
+
+    def admin(statement: str) -> None:
+        """Run one statement on its own loop, in a thread: a test's loop may be running."""
+
+        async def execute() -> None:
+            eng = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
+            try:
+                async with eng.connect() as conn:
+                    await conn.execute(text(statement))
+            finally:
+                await eng.dispose()
+
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, execute()).result()
+
+    try:
+        admin(f'CREATE DATABASE "{name}"')
+    except Exception as exc:
+        unavailable(f"PostgreSQL not usable at {POSTGRES_URL}: {exc}")
+    yield admin_url.set(database=name).render_as_string(hide_password=False)
+    admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
     """An engine on a fresh SQLite file, and on PostgreSQL with every table dropped."""
@@ -107,13 +142,7 @@ async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     if request.param == "sqlite":
         eng = open_engine(f"sqlite+aiosqlite:///{tmp_path / 'test.db'}")
     else:
-        eng = open_engine(POSTGRES_URL)
-        try:
-            async with eng.connect() as conn:
-                await conn.execute(text("select 1"))
-        except Exception as exc:
-            await eng.dispose()
-            unavailable(f"PostgreSQL not reachable at {POSTGRES_URL}: {exc}")
+        eng = open_engine(request.getfixturevalue("postgres_url"))
         async with eng.begin() as conn:
             for md in metadatas:
                 await conn.run_sync(md.drop_all)

@@ -24,7 +24,9 @@ async def bus(request: pytest.FixtureRequest) -> AsyncIterator[Bus]:
     await instance.close()
 
 
-async def drain(bus: Bus, group: str, want: int, *, commit: bool, timeout: float = 30) -> list[Message]:
+async def drain(
+    bus: Bus, group: str, want: int, *, commit: bool, timeout: float = 30
+) -> list[Message]:
     got: list[Message] = []
     deadline = time.monotonic() + timeout
     async with bus.consumer(["contract"], group) as consumer:

