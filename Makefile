@@ -35,9 +35,10 @@ lint: install-dev
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-## bench: topic-matching quality on the labelled development set (needs ../shared/corpus)
+## bench: every benchmark in bench/ (python -m bench.NAME); figures go to bench/results/*.json
+BENCHES = $(sort $(basename $(notdir $(wildcard bench/[a-z]*.py))))
 bench: install-dev
-	$(BIN)/python -m bench.evaluate
+	@for b in $(BENCHES); do echo "== bench.$$b"; $(BIN)/python -m bench.$$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache newsmon.db*
