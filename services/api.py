@@ -1,20 +1,33 @@
-"""The HTTP API: one FastAPI app holding the routes of the services that run in this process."""
+"""The HTTP API: one FastAPI app holding the routes of the services that run in this process.
+
+Health probes are open; every service route needs a bearer API key when keys are configured
+(read-only keys may only read), is rate-limited per key (or per client address when the API runs
+open on loopback), and request bodies are capped.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Sequence
 
-from fastapi import APIRouter, FastAPI, Response, status
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response, status
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.access import ApiKey, RateLimiter, authorize
+from services.settings import Settings
 
 
 def build_app(
-    routers: Sequence[APIRouter], readiness: Callable[[], Awaitable[dict[str, bool]]]
+    routers: Sequence[APIRouter],
+    readiness: Callable[[], Awaitable[dict[str, bool]]],
+    settings: Settings,
 ) -> FastAPI:
     app = FastAPI(
         title="newsmon",
         summary="News monitoring: feeds in, topic matches out, as signed webhooks.",
         version="0.1.0",
     )
+    app.add_middleware(BodyLimit, max_bytes=settings.api_max_body_bytes)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
@@ -30,6 +43,88 @@ def build_app(
             response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
         return {"ready": ready, "checks": checks}
 
+    guard = Depends(
+        _guard(
+            settings.api_keys, RateLimiter(settings.api_rate_per_minute, settings.api_rate_burst)
+        )
+    )
     for router in routers:
-        app.include_router(router)
+        app.include_router(router, dependencies=[guard])
     return app
+
+
+def _guard(keys: list[ApiKey], limiter: RateLimiter) -> Callable[[Request], Awaitable[None]]:
+    async def check(request: Request) -> None:
+        if keys:
+            decision = authorize(keys, request.headers.get("authorization"), request.method)
+            if decision.status == 401:
+                raise HTTPException(401, decision.reason, headers={"WWW-Authenticate": "Bearer"})
+            if decision.status == 403:
+                raise HTTPException(403, decision.reason)
+            who = f"key:{decision.key.name}" if decision.key else "?"
+        else:
+            who = f"addr:{request.client.host if request.client else '?'}"
+        wait = limiter.acquire(who)
+        if wait > 0:
+            raise HTTPException(
+                429, "rate limit exceeded", headers={"Retry-After": str(math.ceil(wait))}
+            )
+
+    return check
+
+
+class BodyLimit:
+    """Refuse request bodies over ``max_bytes`` with 413, whether declared or streamed.
+
+    A body without a Content-Length is read (up to the cap) before the app sees it: the
+    framework turns errors raised while it reads a body into 400s, so the cap is enforced here.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit():
+            if int(declared) > self.max_bytes:
+                await _too_large(send, self.max_bytes)
+                return
+            await self.app(scope, receive, send)
+            return
+        messages: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                await _too_large(send, self.max_bytes)
+                return
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _too_large(send: Send, max_bytes: int) -> None:
+    body = f'{{"detail":"request body exceeds {max_bytes} bytes"}}'.encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -93,7 +93,7 @@ async def serve(
         async def readiness() -> dict[str, bool]:
             return {"bus": await bus.ready()}
 
-        app = build_app([s.router for s in services], readiness)
+        app = build_app([s.router for s in services], readiness, settings)
         server = _Server(
             uvicorn.Config(
                 app,

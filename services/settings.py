@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.access import ApiKey
 
 
 class Settings(BaseSettings):
@@ -19,6 +22,14 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=0, le=65535)
     log_level: str = "INFO"
+
+    # operator API access
+    api_keys: list[ApiKey] = Field(
+        default=[], description='JSON list of {"name", "key", "role": "read"|"admin"}'
+    )
+    api_rate_per_minute: float = Field(600.0, gt=0, description="requests per minute per key")
+    api_rate_burst: int = Field(60, ge=1)
+    api_max_body_bytes: int = Field(1024 * 1024, ge=1024)
 
     feeds_file: Path = Path("seeds/feeds.toml")
     topics_file: Path = Path("seeds/topics.toml")
@@ -48,3 +59,23 @@ class Settings(BaseSettings):
         if any(d < 0 for d in delays):
             raise ValueError("retry delays must be >= 0")
         return delays
+
+    @model_validator(mode="after")
+    def _keys_unless_loopback(self) -> Settings:
+        # An API without keys is only for a developer's own machine.
+        if not self.api_keys and not _is_loopback(self.http_host):
+            raise ValueError(
+                f"NEWSMON_HTTP_HOST={self.http_host} is reachable from other machines: "
+                "set NEWSMON_API_KEYS to protect the operator API"
+            )
+        names = [k.name for k in self.api_keys]
+        if len(set(names)) != len(names):
+            raise ValueError("API key names must be unique")
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -1,0 +1,130 @@
+"""The operator API's guard rails: API keys and roles, rate limits, body caps, health probes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from fastapi import APIRouter
+from pydantic import BaseModel
+
+from services.access import ApiKey, RateLimiter, authorize
+from services.api import build_app
+from services.settings import Settings
+
+ADMIN = ApiKey(name="ops", key="a" * 32, role="admin")
+READER = ApiKey(name="dash", key="r" * 32, role="read")
+
+
+class Echo(BaseModel):
+    text: str
+
+
+def echo_router() -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/things")
+    async def things() -> list[str]:
+        return ["a"]
+
+    @router.post("/things")
+    async def create(body: Echo) -> Echo:
+        return body
+
+    return router
+
+
+async def ready() -> dict[str, bool]:
+    return {"bus": True}
+
+
+@pytest.fixture
+async def client(request: pytest.FixtureRequest) -> AsyncIterator[httpx.AsyncClient]:
+    overrides = getattr(request, "param", {})
+    settings = Settings(api_keys=[ADMIN, READER], **overrides)
+    app = build_app([echo_router()], ready, settings)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        yield c
+
+
+def bearer(key: ApiKey) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key.key}"}
+
+
+async def test_probes_are_open(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    assert (await client.get("/readyz")).json() == {"ready": True, "checks": {"bus": True}}
+
+
+@pytest.mark.parametrize(
+    ("headers", "detail"),
+    [
+        ({}, "missing bearer API key"),
+        ({"Authorization": "Basic abc"}, "expected 'Authorization: Bearer <key>'"),
+        ({"Authorization": "Bearer " + "z" * 32}, "unknown API key"),
+    ],
+)
+async def test_no_or_bad_key_is_401(
+    client: httpx.AsyncClient, headers: dict[str, str], detail: str
+) -> None:
+    response = await client.get("/things", headers=headers)
+    assert response.status_code == 401
+    assert response.json() == {"detail": detail}
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+async def test_read_key_reads_but_may_not_write(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/things", headers=bearer(READER))).json() == ["a"]
+    response = await client.post("/things", json={"text": "x"}, headers=bearer(READER))
+    assert response.status_code == 403
+    assert "read-only" in response.json()["detail"]
+    response = await client.post("/things", json={"text": "x"}, headers=bearer(ADMIN))
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize("client", [{"api_max_body_bytes": 2048}], indirect=True)
+async def test_large_bodies_are_refused_with_413(client: httpx.AsyncClient) -> None:
+    big = {"text": "x" * 5000}
+    response = await client.post("/things", json=big, headers=bearer(ADMIN))
+    assert response.status_code == 413
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted as it streams
+        yield b'{"text": "'
+        for _ in range(10):
+            yield b"x" * 1000
+        yield b'"}'
+
+    response = await client.post(
+        "/things", content=chunks(), headers={**bearer(ADMIN), "content-type": "application/json"}
+    )
+    assert response.status_code == 413
+
+
+@pytest.mark.parametrize("client", [{"api_rate_per_minute": 60, "api_rate_burst": 3}], indirect=True)
+async def test_rate_limit_per_key_with_retry_after(client: httpx.AsyncClient) -> None:
+    for _ in range(3):
+        assert (await client.get("/things", headers=bearer(ADMIN))).status_code == 200
+    limited = await client.get("/things", headers=bearer(ADMIN))
+    assert limited.status_code == 429
+    assert int(limited.headers["retry-after"]) >= 1
+    # Another key has its own bucket.
+    assert (await client.get("/things", headers=bearer(READER))).status_code == 200
+
+
+def test_authorize_and_bucket_as_plain_functions() -> None:
+    assert authorize([ADMIN], f"bearer {ADMIN.key}", "DELETE").status == 200
+    assert authorize([READER], f"Bearer {READER.key}", "HEAD").status == 200
+    bucket = RateLimiter(per_minute=60, burst=2)
+    assert bucket.acquire("k", now=0) == 0 and bucket.acquire("k", now=0) == 0
+    assert bucket.acquire("k", now=0) == pytest.approx(1.0)
+    assert bucket.acquire("k", now=1.0) == 0  # one token a second refills
+
+
+def test_settings_refuse_an_open_api_beyond_loopback() -> None:
+    with pytest.raises(ValueError, match="NEWSMON_API_KEYS"):
+        Settings(http_host="0.0.0.0")
+    assert Settings(http_host="0.0.0.0", api_keys=[ADMIN]).api_keys == [ADMIN]
+    with pytest.raises(ValueError, match="at least 24"):
+        ApiKey(name="short", key="abc")
