@@ -10,8 +10,8 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Iterator, Sequence
-from typing import Protocol
+from collections.abc import Coroutine, Iterator, Sequence
+from typing import Any, Protocol
 
 import uvicorn
 from fastapi import APIRouter
@@ -48,20 +48,31 @@ def build_services(
         from services.ingest.feeds import load_feeds
         from services.ingest.service import IngestService
 
+        # The seeds file only fills an empty registry on first start; /feeds manages it after.
         services.append(IngestService(settings, bus, engine, load_feeds(settings.feeds_file)))
     if "classify" in roles:
         from services.classify.model import SentenceTransformerEmbedder
         from services.classify.service import ClassifyService
         from services.classify.topics import load_topics
 
-        embedder = SentenceTransformerEmbedder(device=settings.model_device)
-        services.append(ClassifyService(settings, bus, embedder, load_topics(settings.topics_file)))
+        embedder = SentenceTransformerEmbedder(
+            device=settings.model_device,
+            backend=settings.model_backend,
+            cache_dir=settings.model_cache_dir,
+        )
+        topics = load_topics(settings.topics_file)
+        services.append(
+            ClassifyService(
+                settings, bus, engine, embedder, topics, seeds_source=str(settings.topics_file)
+            )
+        )
     if "alerts" in roles:
         from services.alerts.service import AlertsService
         from services.alerts.subscriptions import load_subscriptions
 
-        subscriptions = load_subscriptions(settings.subscriptions_file)
-        services.append(AlertsService(settings, bus, engine, subscriptions))
+        # The seeds file fills the subscription store on its first start only.
+        seeds = load_subscriptions(settings.subscriptions_file)
+        services.append(AlertsService(settings, bus, engine, seeds))
     return services
 
 
@@ -109,27 +120,37 @@ async def serve(
             settings.http_host, settings.http_port,
         )  # fmt: skip
 
-        async def stop_server(stop: asyncio.Event) -> None:
-            await stop.wait()
-            server.should_exit = True
-
         async with asyncio.TaskGroup() as tasks:
-            for service in services:
-                tasks.create_task(_run_service(service, stop), name=service.name)
-            tasks.create_task(server.serve(), name="http")
-            tasks.create_task(stop_server(stop))
+            running = [
+                tasks.create_task(_until_done(service.run(stop), stop), name=service.name)
+                for service in services
+            ]
+            running.append(tasks.create_task(_until_done(server.serve(), stop), name="http"))
+            tasks.create_task(_shutdown(stop, server, running, settings.shutdown_timeout_s))
     finally:
         await bus.close()
         await engine.dispose()
     log.info("newsmon stopped")
 
 
-async def _run_service(service: Service, stop: asyncio.Event) -> None:
+async def _until_done(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> None:
     try:
-        await service.run(stop)
+        await work
     finally:
-        # One service ending (by error) ends the process: the others are told to stop too.
+        # One part ending (by error) ends the process: the others are told to stop too.
         stop.set()
+
+
+async def _shutdown(
+    stop: asyncio.Event, server: uvicorn.Server, running: list[asyncio.Task[None]], deadline: float
+) -> None:
+    """Once stopping: no new HTTP requests, then in-flight work gets ``deadline`` s to finish."""
+    await stop.wait()
+    server.should_exit = True
+    _, late = await asyncio.wait(running, timeout=deadline)
+    for task in late:
+        log.warning("%s did not stop within %g s: cancelled", task.get_name(), deadline)
+        task.cancel()
 
 
 def _install_signal_handlers(stop: asyncio.Event) -> None:

@@ -88,3 +88,68 @@ def test_an_unreachable_broker_exits_non_zero_with_a_clear_message(tmp_path: Pat
     output, _ = process.communicate(timeout=90)
     assert process.returncode == 1
     assert b"cannot reach Kafka" in output
+
+
+STUBBORN = """
+import asyncio, logging
+from fastapi import APIRouter
+from services import runner
+from services.settings import Settings
+
+class Stubborn:
+    name = "stubborn"
+    metadata = None
+    router = APIRouter()
+
+    async def run(self, stop):
+        await stop.wait()
+        print("stubborn: finishing in-flight work", flush=True)
+        await asyncio.sleep(60)
+
+logging.basicConfig(level=logging.INFO)
+runner.build_services = lambda *args: [Stubborn()]
+asyncio.run(runner.serve(Settings(), ["ingest"]))
+"""
+
+
+def stubborn_process(tmp_path: Path, shutdown_timeout: float) -> subprocess.Popen[bytes]:
+    """A real newsmon runner whose one service takes 60 s to finish after the stop signal."""
+    env = {
+        "NEWSMON_SHUTDOWN_TIMEOUT_S": str(shutdown_timeout),
+        "NEWSMON_HTTP_PORT": str(free_port()),
+        "NEWSMON_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'x.db'}",
+        "PYTHONPATH": str(ROOT),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-c", STUBBORN],
+        env={**os.environ, **env},
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    get_json(f"http://127.0.0.1:{env['NEWSMON_HTTP_PORT']}/healthz")
+    return process
+
+
+def test_sigterm_gives_in_flight_work_a_deadline_then_exits_zero(tmp_path: Path) -> None:
+    process = stubborn_process(tmp_path, shutdown_timeout=2)
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output.decode()
+    assert 1.5 < time.monotonic() - started < 15
+    assert b"stubborn did not stop within 2 s: cancelled" in output
+    assert b"newsmon stopped" in output
+
+
+def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
+    process = stubborn_process(tmp_path, shutdown_timeout=60)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(1)
+    started = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=30)
+    assert time.monotonic() - started < 5
+    assert process.returncode == 128 + signal.SIGINT, output.decode()
+    assert b"stubborn: finishing in-flight work" in output
+    assert b"second SIGINT: exiting now" in output
