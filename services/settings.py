@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=0, le=65535)
     log_level: str = "INFO"
+    shutdown_timeout_s: float = Field(
+        20.0, gt=0, description="on SIGTERM, how long in-flight work may take to finish"
+    )
 
     # operator API access
     api_keys: list[ApiKey] = Field(
