@@ -13,7 +13,7 @@ import pytest
 
 from services.bus import MemoryBus, Message
 from services.events import ARTICLES_FETCHED, ArticleFetched
-from services.ingest.feeds import FeedSpec
+from services.ingest.feeds import FeedCreate, FeedPublic, FeedSpec
 from services.ingest.service import IngestService
 from services.settings import Settings
 from tests.conftest import LoopbackServer, Reply, free_port
@@ -35,18 +35,24 @@ RSS_HEADERS = {"content-type": "application/rss+xml; charset=utf-8"}
 
 
 def settings(**overrides: Any) -> Settings:
-    return Settings(**{"fetch_timeout_s": 5, **overrides})
+    return Settings(**{"fetch_timeout_s": 5, "parse_workers": 0, **overrides})
 
 
 @asynccontextmanager
 async def ingest(
     engine: Any, bus: MemoryBus, urls: list[str], **overrides: Any
 ) -> AsyncIterator[IngestService]:
+    """The service with ``urls`` registered: seeded on a fresh database, added after that."""
     service = IngestService(settings(**overrides), bus, engine, [FeedSpec(url=u) for u in urls])
     try:
+        await service.start()
+        registered = {f.url for f in await service.feeds()}
+        for url in urls:
+            if url not in registered:
+                await service.add_feed(FeedCreate(url=url))
         yield service
     finally:
-        await service._client.aclose()  # run() closes it; burst mode (poll_once) leaves it to us
+        await service.close()  # run() closes it; burst mode (poll_once) leaves it to us
 
 
 async def drain(bus: MemoryBus, group: str = "test") -> list[Message]:
@@ -58,8 +64,8 @@ async def drain(bus: MemoryBus, group: str = "test") -> list[Message]:
     return messages
 
 
-def status_of(service: IngestService, url: str) -> Any:
-    return next(s for s in service.feed_status() if s.url == url)
+async def status_of(service: IngestService, url: str) -> FeedPublic:
+    return next(s for s in await service.feeds() if s.url == url)
 
 
 # Publishing -------------------------------------------------------------------------------------
@@ -86,7 +92,7 @@ async def test_poll_once_publishes_each_new_article_once(
             assert event.article.feed_url == url
         assert len({e.event_id for e in events}) == 3
 
-        status = status_of(service, url)
+        status = await status_of(service, url)
         assert status.last_error is None
         assert status.consecutive_failures == 0
         assert status.last_status == 200
@@ -96,7 +102,7 @@ async def test_poll_once_publishes_each_new_article_once(
 
         await service.poll_once()
         assert await drain(bus) == []
-        assert status_of(service, url).items_published == 3
+        assert (await status_of(service, url)).items_published == 3
 
     # A restart on the same database publishes nothing it published before, only what is new.
     http_server.routes["/feed"] = Reply(200, rss("a", "b", "c", "d"), RSS_HEADERS)
@@ -126,7 +132,7 @@ async def test_the_same_article_through_several_feeds_is_published_once(
         assert len(keys) == len(set(keys)) == 3
         titles = {ArticleFetched.decode(m.value).article.title for m in messages}
         assert titles == {"Story x", "Story y", "Story z"}
-        assert sum(s.items_published for s in service.feed_status()) == 3
+        assert sum(s.items_published for s in await service.feeds()) == 3
 
 
 # Feed faults are isolated and reported ----------------------------------------------------------
@@ -168,15 +174,15 @@ async def test_bad_feeds_are_reported_and_good_ones_still_publish(
             await service.poll_once()
             assert time.monotonic() - started < 5
             for url, reason in bad.items():
-                status = status_of(service, url)
+                status = await status_of(service, url)
                 assert status.consecutive_failures == attempt, url
                 assert status.last_error is not None
                 assert url in status.last_error
                 assert reason in status.last_error, status.last_error
                 assert "\n" not in status.last_error
                 assert status.items_published == 0
-            assert status_of(service, good).consecutive_failures == 0
-            assert status_of(service, good).last_error is None
+            assert (await status_of(service, good)).consecutive_failures == 0
+            assert (await status_of(service, good)).last_error is None
 
         messages = await drain(bus)
         titles = sorted(ArticleFetched.decode(m.value).article.title for m in messages)
@@ -185,7 +191,7 @@ async def test_bad_feeds_are_reported_and_good_ones_still_publish(
         # A feed that recovers is clean again.
         http_server.routes["/500"] = Reply(200, rss("late"), RSS_HEADERS)
         await service.poll_once()
-        recovered = status_of(service, http_server.url("/500"))
+        recovered = await status_of(service, http_server.url("/500"))
         assert recovered.consecutive_failures == 0
         assert recovered.last_error is None
         assert [ArticleFetched.decode(m.value).article.title for m in await drain(bus)] == [
@@ -205,7 +211,7 @@ async def test_a_slow_server_times_out_within_the_deadline(
         started = time.monotonic()
         await service.poll_once()
         assert time.monotonic() - started < 2
-        status = status_of(service, slow)
+        status = await status_of(service, slow)
         assert status.consecutive_failures == 1
         assert status.last_error is not None
         assert slow in status.last_error
@@ -265,7 +271,7 @@ async def _poll_single(engine: Any, url: str) -> tuple[Any, list[Message]]:
     bus = MemoryBus()
     async with ingest(engine, bus, [url], fetch_max_bytes=CAP) as service:
         await service.poll_once()
-        return status_of(service, url), await drain(bus)
+        return await status_of(service, url), await drain(bus)
 
 
 async def test_a_declared_oversized_body_is_refused(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import mimetypes
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -20,7 +22,18 @@ MAX_REDIRECTS = 5
 
 
 class FetchError(RuntimeError):
-    """A fetch that failed; the message names the URL and the reason."""
+    """A fetch that failed; the message names the URL and the reason.
+
+    ``status`` is the HTTP status when the server answered; ``retry_after`` is the raw
+    ``Retry-After`` header of a 429 or 503, for the scheduler to honour.
+    """
+
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -81,18 +94,40 @@ async def _get(
 ) -> Fetched:
     async with client.stream("GET", url, headers=headers) as response:
         if response.status_code == 304:
-            return Fetched(url, 304, b"", etag=response.headers.get("etag"))
+            return Fetched(
+                url,
+                304,
+                b"",
+                etag=response.headers.get("etag"),
+                last_modified=response.headers.get("last-modified"),
+            )
         if response.status_code >= 400:
-            raise FetchError(f"{url}: HTTP {response.status_code} {response.reason_phrase}")
+            retry_after = (
+                response.headers.get("retry-after") if response.status_code in (429, 503) else None
+            )
+            hint = f" (Retry-After: {retry_after})" if retry_after else ""
+            raise FetchError(
+                f"{url}: HTTP {response.status_code} {response.reason_phrase}{hint}",
+                status=response.status_code,
+                retry_after=retry_after,
+            )
+        if response.status_code != 200:
+            # 1xx never reaches here and 3xx were followed; a 204 or 206 is no feed document.
+            raise FetchError(
+                f"{url}: HTTP {response.status_code} {response.reason_phrase}: no feed document",
+                status=response.status_code,
+            )
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_bytes:
-            raise FetchError(f"{url}: Content-Length {declared} exceeds the {max_bytes}-byte cap")
+            raise FetchError(
+                f"{url}: Content-Length {declared} exceeds the {max_bytes}-byte cap", status=200
+            )
         chunks: list[bytes] = []
         size = 0
         async for chunk in response.aiter_bytes():  # decompressed: the cap holds against bombs
             size += len(chunk)
             if size > max_bytes:
-                raise FetchError(f"{url}: body exceeds the {max_bytes}-byte cap")
+                raise FetchError(f"{url}: body exceeds the {max_bytes}-byte cap", status=200)
             chunks.append(chunk)
         return Fetched(
             url=url,
@@ -120,7 +155,12 @@ async def _read_file(url: str, path: Path, max_bytes: int) -> Fetched:
     return Fetched(url=url, status=200, body=body, content_type=content_type)
 
 
-def new_client(user_agent: str) -> httpx.AsyncClient:
+def user_agent(product: str, contact_url: str) -> str:
+    """The User-Agent sent to feed servers: ``product (+contact_url)``, as crawlers do."""
+    return f"{product} (+{contact_url})" if contact_url else product
+
+
+def new_client(user_agent: str, max_connections: int = 100) -> httpx.AsyncClient:
     """An HTTP client for feeds: redirects followed (at most five), no proxy from the env."""
     return httpx.AsyncClient(
         headers={"User-Agent": user_agent, "Accept": _ACCEPT},
@@ -128,7 +168,36 @@ def new_client(user_agent: str) -> httpx.AsyncClient:
         max_redirects=MAX_REDIRECTS,
         trust_env=False,
         timeout=httpx.Timeout(10.0),
+        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=20),
     )
+
+
+class HostLimiter:
+    """At most ``per_host`` fetches in flight to one host, and ``total`` overall.
+
+    The host slot is taken first: a fetch waiting for a busy host must not hold one of the
+    overall slots that fetches to other hosts could use.
+    """
+
+    def __init__(self, *, per_host: int, total: int) -> None:
+        self._per_host = per_host
+        self._total = asyncio.Semaphore(total)
+        self._hosts: dict[str, tuple[asyncio.Semaphore, int]] = {}
+
+    @asynccontextmanager
+    async def slot(self, url: str) -> AsyncIterator[None]:
+        host = (urlsplit(url).hostname or "").lower()
+        semaphore, users = self._hosts.get(host, (asyncio.Semaphore(self._per_host), 0))
+        self._hosts[host] = (semaphore, users + 1)
+        try:
+            async with semaphore, self._total:
+                yield
+        finally:
+            semaphore, users = self._hosts[host]
+            if users == 1:
+                del self._hosts[host]  # the map holds only hosts with fetches waiting or running
+            else:
+                self._hosts[host] = (semaphore, users - 1)
 
 
 _ACCEPT = (

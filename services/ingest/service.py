@@ -1,48 +1,46 @@
-"""The ingest service: poll feeds, publish each article not seen before as ``ArticleFetched``."""
+"""The ingest service: poll the registered feeds, publish each article not seen before.
+
+The shell around the pure parts (``fetcher``, ``parser``, ``schedule``): it reads the registry,
+polls what is due within the per-host and overall limits, parses off the event loop, publishes
+``ArticleFetched`` and writes each poll's outcome back, and serves ``/feeds``.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import random
+import multiprocessing
 import time
-from datetime import datetime
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from datetime import datetime, timedelta
+from typing import Annotated, Any
 
 import httpx
-from fastapi import APIRouter
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, HTTPException, Query, Response, status
 from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.bus import Bus
-from services.events import ARTICLES_FETCHED, ArticleFetched, utcnow
+from services.events import ARTICLES_FETCHED, Article, ArticleFetched, utcnow
 from services.ingest import store
-from services.ingest.feeds import FeedSpec
-from services.ingest.fetcher import FetchError, fetch, new_client
-from services.ingest.parser import FeedError, parse_feed
+from services.ingest.feeds import FeedCreate, FeedPublic, FeedSpec, FeedState, FeedUpdate
+from services.ingest.fetcher import Fetched, FetchError, HostLimiter, fetch, new_client, user_agent
+from services.ingest.parser import FeedError, ParsedFeed, parse_feed
+from services.ingest.schedule import next_poll_delay, parse_retry_after
+from services.ingest.store import DuplicateFeed, FeedRecord, IngestStore, PollRecord
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Polls spread over ±10% of the interval, so feeds added together do not stay in lockstep.
-JITTER = 0.1
-MAX_CONCURRENT_FETCHES = 8
-
-
-class FeedStatus(BaseModel):
-    """What the operator sees about a feed: when it was polled and what went wrong."""
-
-    url: str
-    title: str
-    last_polled_at: datetime | None = None
-    last_success_at: datetime | None = None
-    last_status: int | None = None
-    last_error: str | None = None
-    consecutive_failures: int = 0
-    items_seen: int = 0
-    items_published: int = 0
-    next_poll_at: float = Field(0.0, exclude=True)  # monotonic clock, internal
+# With nothing due, the loop still looks at the registry this often: another process sharing
+# the database may have added or resumed a feed.
+IDLE_CHECK_S = 30.0
+PRUNE_EVERY_S = 3600.0
+# Publishes in flight at once: lets the Kafka producer batch a large feed instead of waiting
+# for one acknowledgement per article.
+PUBLISH_CONCURRENCY = 256
 
 
 class IngestService:
@@ -54,109 +52,429 @@ class IngestService:
         settings: Settings,
         bus: Bus,
         engine: AsyncEngine,
-        feeds: list[FeedSpec],
+        seeds: list[FeedSpec],
         client: httpx.AsyncClient | None = None,
     ) -> None:
         self._settings = settings
         self._bus = bus
-        self._store = store.IngestStore(engine)
-        self._feeds = {f.url: f for f in feeds}
-        self._status = {f.url: FeedStatus(url=f.url, title=f.title) for f in feeds}
-        self._client = client or new_client(settings.user_agent)
+        self._store = IngestStore(engine)
+        self._seeds = seeds
+        self._client = client or new_client(
+            user_agent(settings.user_agent, settings.contact_url),
+            max_connections=settings.fetch_concurrency,
+        )
         self._owns_client = client is None
-        self._fetch_slots = asyncio.Semaphore(MAX_CONCURRENT_FETCHES)
-        # Feeds are polled concurrently; one check-publish-mark at a time keeps an article that
-        # two feeds carry from being published by both.
+        self._limiter = HostLimiter(
+            per_host=settings.fetch_per_host, total=settings.fetch_concurrency
+        )
+        # One check-publish-mark at a time keeps an article that two feeds carry from being
+        # published by both.
         self._publishing = asyncio.Lock()
+        self._polls: dict[int, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        self._fatal: BaseException | None = None
+        self._parser: ProcessPoolExecutor | None = None
+        self._started = False
+        self._pruned_at = 0.0
         self.router = self._routes()
 
-    async def run(self, stop: asyncio.Event) -> None:
+    # Lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the bus topic, load the seeds on the registry's first start, prune old ids."""
+        if self._started:
+            return
         await self._bus.ensure_topics([ARTICLES_FETCHED])
+        added = await self._store.seed_once(
+            s.model_dump(include={"url", "title", "interval_s", "tags"}) for s in self._seeds
+        )
+        if added is not None:
+            log.info("feeds registry seeded with %d feed(s) from the seeds file", added)
+        await self._prune()
+        self._started = True
+
+    async def run(self, stop: asyncio.Event) -> None:
         try:
+            await self.start()
             while not stop.is_set():
-                now = time.monotonic()
-                due = [url for url, s in self._status.items() if s.next_poll_at <= now]
-                if due:
-                    await asyncio.gather(*(self.poll_feed(url) for url in due))
-                wake = min((s.next_poll_at for s in self._status.values()), default=now + 60)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), max(0.0, wake - time.monotonic()))
+                if self._fatal is not None:
+                    raise self._fatal
+                # Cleared before reading the registry: a poll ending or an API change from
+                # here on wakes the sleep below instead of being lost.
+                self._wake.clear()
+                for record in await self._store.due_feeds(utcnow()):
+                    if record.id not in self._polls:
+                        self._spawn(record)
+                if time.monotonic() - self._pruned_at > PRUNE_EVERY_S:
+                    await self._prune()
+                await self._sleep(stop)
         finally:
-            if self._owns_client:
-                await self._client.aclose()
+            await self.close()
+
+    async def _sleep(self, stop: asyncio.Event) -> None:
+        """Until the next feed is due, a poll ends, the API changes a feed, or ``stop``."""
+        # Feeds being polled are left out: the end of their poll wakes us.
+        next_due = await self._store.next_due_at(skip=self._polls)
+        wait = IDLE_CHECK_S
+        if next_due is not None:
+            wait = min(wait, max(0.0, (next_due - utcnow()).total_seconds()))
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    async def close(self) -> None:
+        """Cancel polls in flight (nothing is lost: ids are marked seen after publishing)."""
+        polls = list(self._polls.values())
+        for task in polls:
+            task.cancel()
+        await asyncio.gather(*polls, return_exceptions=True)
+        if self._owns_client:
+            await self._client.aclose()
+        if self._parser is not None:
+            self._parser.shutdown(wait=True, cancel_futures=True)
+            self._parser = None
 
     async def poll_once(self) -> None:
-        """Poll every feed now (burst mode, for tests and one-shot runs)."""
-        await self._bus.ensure_topics([ARTICLES_FETCHED])
-        await asyncio.gather(*(self.poll_feed(url) for url in self._feeds))
+        """Poll every feed not paused now, due or not (burst mode, for tests and one-shot runs)."""
+        await self.start()
+        records = [r for r in await self._store.list_feeds() if not r.paused]
+        tasks = [self._polls.get(r.id) or self._spawn(r) for r in records]
+        await asyncio.gather(*tasks)
+        if self._fatal is not None:
+            raise self._fatal
 
-    async def poll_feed(self, url: str) -> int:
-        """Poll one feed; returns how many articles it published. Feed faults are recorded."""
-        feed, status = self._feeds[url], self._status[url]
-        interval = feed.interval_s or self._settings.poll_interval_s
-        status.last_polled_at = utcnow()
-        status.next_poll_at = time.monotonic() + interval * random.uniform(1 - JITTER, 1 + JITTER)  # noqa: S311
+    async def poll_now(self, feed_id: int) -> FeedRecord | None:
+        """Poll one feed now (joining a poll already in flight); its record afterwards."""
+        await self.start()
+        task = self._polls.get(feed_id)
+        if task is None:
+            record = await self._store.get_feed(feed_id)
+            if record is None:
+                return None
+            task = self._spawn(record)
+        await asyncio.shield(task)  # a client that hangs up does not cancel the poll
+        return await self._store.get_feed(feed_id)
+
+    def _spawn(self, record: FeedRecord) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._poll(record), name=f"poll {record.url}")
+        self._polls[record.id] = task
+        task.add_done_callback(self._poll_done(record.id))
+        return task
+
+    def _poll_done(self, feed_id: int) -> Callable[[asyncio.Task[None]], None]:
+        def done(task: asyncio.Task[None]) -> None:
+            self._polls.pop(feed_id, None)
+            if not task.cancelled() and task.exception() is not None:
+                # Feed faults are caught in _poll; what escapes is the database or the bus.
+                self._fatal = task.exception()
+            self._wake.set()
+
+        return done
+
+    async def _prune(self) -> None:
+        before = utcnow() - timedelta(days=self._settings.seen_retention_days)
+        pruned = await self._store.prune_seen(before)
+        self._pruned_at = time.monotonic()
+        if pruned:
+            log.info("forgot %d article id(s) no feed has listed since %s", pruned, before)
+
+    # One poll ---------------------------------------------------------------------------------
+
+    async def _poll(self, record: FeedRecord) -> None:
+        url = record.url
+        polled_at = utcnow()
+        interval = record.interval_s or self._settings.poll_interval_s
+
+        def next_poll(failures: int, retry_after_s: float | None = None) -> datetime:
+            delay = next_poll_delay(
+                interval_s=interval,
+                failures=failures,
+                backoff_max_s=self._settings.poll_backoff_max_s,
+                retry_after_s=retry_after_s,
+            )
+            return utcnow() + timedelta(seconds=delay)
+
+        async def failed(message: str, status: int | None, retry_after: str | None = None) -> None:
+            failures = record.consecutive_failures + 1
+            retry_after_s = parse_retry_after(retry_after, utcnow())
+            when = next_poll(failures, retry_after_s)
+            await self._store.record_poll(
+                record.id,
+                PollRecord(
+                    polled_at=polled_at,
+                    next_poll_at=when,
+                    status=status,
+                    error=" ".join(message.split())[:2000],
+                ),
+            )
+            failing = " - feed failing" if failures >= self._settings.feed_failing_after else ""
+            log.warning(
+                "feed %s failed (%d in a row%s), next poll at %s: %s",
+                url, failures, failing, when.isoformat(timespec="seconds"), message,
+            )  # fmt: skip
+
         try:
-            async with self._fetch_slots:
+            async with self._limiter.slot(url):
                 fetched = await fetch(
                     self._client,
                     url,
                     timeout=self._settings.fetch_timeout_s,
                     max_bytes=self._settings.fetch_max_bytes,
+                    etag=record.etag,
+                    last_modified=record.last_modified,
                 )
-            status.last_status = fetched.status
-            parsed = await asyncio.to_thread(
-                parse_feed,
-                fetched.body,
-                url,
-                fetched.content_type,
-                max_bytes=self._settings.fetch_max_bytes,
+            if fetched.not_modified:
+                await self._store.record_poll(
+                    record.id,
+                    PollRecord(
+                        polled_at=polled_at,
+                        next_poll_at=next_poll(0),
+                        status=304,
+                        not_modified=True,
+                        etag=fetched.etag,
+                        last_modified=fetched.last_modified,
+                    ),
+                )
+                return
+            parsed = await self._parse(fetched)
+        except FetchError as exc:
+            return await failed(str(exc), exc.status, exc.retry_after)
+        except FeedError as exc:  # the parser is pure and does not know the URL
+            return await failed(f"{url}: {exc}", fetched.status)
+        except BrokenProcessPool:
+            self._parser = (
+                None  # a worker died (killed for memory?): the next parse gets a new pool
             )
-        except (FetchError, FeedError) as exc:
-            # Fetch errors name their URL; parse errors do not, the parser being pure.
-            return self._failed(url, str(exc) if isinstance(exc, FetchError) else f"{url}: {exc}")
+            return await failed(f"{url}: the parser process died", fetched.status)
         except Exception as exc:  # a parser bug must not take the other feeds down with it
             log.exception("feed %s: unexpected error while parsing", url)
-            return self._failed(url, f"{url}: parser failed: {type(exc).__name__}: {exc}")
+            return await failed(f"{url}: parser failed: {type(exc).__name__}: {exc}", None)
         if parsed.warning:
             log.info("feed %s parsed with a warning: %s", url, parsed.warning)
-        # One id per article, even when a feed lists an item twice.
-        articles = {a.article_id: a for a in parsed.articles}
+        new_items = await self._publish_new(url, parsed.articles)
+        await self._store.record_poll(
+            record.id,
+            PollRecord(
+                polled_at=polled_at,
+                next_poll_at=next_poll(0),
+                status=fetched.status,
+                etag=fetched.etag,
+                last_modified=fetched.last_modified,
+                keep_validators=False,
+                feed_title=parsed.title,
+                items_seen=len({a.article_id for a in parsed.articles}),
+                new_items=new_items,
+            ),
+        )
+        if new_items:
+            log.info("feed %s: %d new of %d articles", url, new_items, len(parsed.articles))
+
+    async def _parse(self, fetched: Fetched) -> ParsedFeed:
+        args = (fetched.body, fetched.url, fetched.content_type, self._settings.fetch_max_bytes)
+        if self._settings.parse_workers == 0:
+            return await asyncio.to_thread(_parse_in_worker, *args)
+        if self._parser is None:
+            # feedparser holds the GIL; in a thread, a 20,000-item feed would hold the loop
+            # (and Kafka heartbeats) for tens of ms at a time. Spawned, not forked: this
+            # process runs threads (database drivers, executors) a fork would copy mid-state.
+            self._parser = ProcessPoolExecutor(
+                self._settings.parse_workers, mp_context=multiprocessing.get_context("spawn")
+            )
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._parser, _parse_in_worker, *args)
+
+    async def _publish_new(self, url: str, articles: list[Article]) -> int:
+        """Publish the articles never seen before; returns how many."""
+        by_id = {a.article_id: a for a in articles}  # one per id, even when listed twice
         async with self._publishing:
-            new_ids = await self._store.unseen(articles)
-            for article_id in (a for a in articles if a in new_ids):
-                # The event id is the article id: a republished article is the same fact.
-                event = ArticleFetched(event_id=article_id, article=articles[article_id])
-                await self._bus.publish(
-                    ARTICLES_FETCHED, event.encode(), key=article_id, headers={"type": event.type}
+            new_ids = await self._store.unseen(by_id)
+            fresh = [by_id[i] for i in by_id if i in new_ids]
+            for start in range(0, len(fresh), PUBLISH_CONCURRENCY):
+                await asyncio.gather(
+                    *(self._publish(a) for a in fresh[start : start + PUBLISH_CONCURRENCY])
                 )
             # Marked only after publishing: a crash in between republishes; consumers dedupe.
             await self._store.mark_seen(url, new_ids)
-        status.consecutive_failures = 0
-        status.last_error = None
-        status.last_success_at = utcnow()
-        status.items_seen = len(articles)
-        status.items_published += len(new_ids)
-        if new_ids:
-            log.info("feed %s: %d new of %d articles", url, len(new_ids), len(articles))
-        return len(new_ids)
+        return len(fresh)
 
-    def _failed(self, url: str, error: str) -> int:
-        status = self._status[url]
-        status.consecutive_failures += 1
-        status.last_error = error
-        log.warning("feed %s failed (%d in a row): %s", url, status.consecutive_failures, error)
-        return 0
+    async def _publish(self, article: Article) -> None:
+        # The event id is the article id: a republished article is the same fact.
+        event = ArticleFetched(event_id=article.article_id, article=article)
+        await self._bus.publish(
+            ARTICLES_FETCHED, event.encode(), key=article.article_id, headers={"type": event.type}
+        )
 
-    def feed_status(self) -> list[FeedStatus]:
-        return list(self._status.values())
+    # The registry, for the API and tests --------------------------------------------------------
+
+    def public(self, record: FeedRecord) -> FeedPublic:
+        state: FeedState
+        if record.paused:
+            state = "paused"
+        elif record.consecutive_failures >= self._settings.feed_failing_after:
+            state = "failing"
+        elif record.consecutive_failures:
+            state = "retrying"
+        elif record.last_polled_at is None:
+            state = "new"
+        else:
+            state = "ok"
+        return FeedPublic(
+            id=record.id,
+            url=record.url,
+            title=record.title or record.feed_title,
+            tags=record.tags,
+            interval_s=record.interval_s or self._settings.poll_interval_s,
+            paused=record.paused,
+            state=state,
+            created_at=record.created_at,
+            last_polled_at=record.last_polled_at,
+            last_success_at=record.last_success_at,
+            last_status=record.last_status,
+            last_error=record.last_error,
+            consecutive_failures=record.consecutive_failures,
+            next_poll_at=None if record.paused else record.next_poll_at,
+            items_seen=record.items_seen,
+            items_published=record.items_published,
+            fetches=record.fetches,
+            not_modified=record.not_modified,
+            errors=record.errors,
+        )
+
+    async def feeds(self) -> list[FeedPublic]:
+        return [self.public(r) for r in await self._store.list_feeds()]
+
+    async def add_feed(self, feed: FeedCreate) -> FeedPublic:
+        record = await self._store.add_feed(
+            feed.url, title=feed.title, tags=feed.tags, interval_s=feed.interval_s
+        )
+        self._wake.set()
+        return self.public(record)
+
+    async def update_feed(self, feed_id: int, update: FeedUpdate) -> FeedRecord | None:
+        record = await self._store.get_feed(feed_id)
+        if record is None:
+            return None
+        changes: dict[str, Any] = update.model_dump(exclude_unset=True)
+        now = utcnow()
+        if "url" in changes and changes["url"] != record.url:
+            # Another document: the old validators and schedule mean nothing for it.
+            changes |= {"etag": None, "last_modified": None, "next_poll_at": now}
+        if "interval_s" in changes and not record.consecutive_failures:
+            interval = changes["interval_s"] or self._settings.poll_interval_s
+            changes["next_poll_at"] = min(
+                changes.get("next_poll_at", record.next_poll_at), now + timedelta(seconds=interval)
+            )
+        if changes.get("paused") is False and record.paused:
+            changes["next_poll_at"] = now  # resumed: poll soon, not after a stale schedule
+        updated = await self._store.update_feed(feed_id, changes)
+        self._wake.set()
+        return updated
+
+    # HTTP ---------------------------------------------------------------------------------------
 
     def _routes(self) -> APIRouter:
-        router = APIRouter(tags=["feeds"])
+        router = APIRouter(prefix="/feeds", tags=["feeds"])
 
-        @router.get("/feeds")
-        async def list_feeds() -> list[FeedStatus]:
-            """Every feed with its health: last poll, last status, last error, failures."""
-            return self.feed_status()
+        async def found(feed_id: int) -> FeedRecord:
+            record = await self._store.get_feed(feed_id)
+            if record is None:
+                raise HTTPException(status.HTTP_404_NOT_FOUND, f"no feed with id {feed_id}")
+            return record
+
+        def duplicate(url: str) -> HTTPException:
+            # 422, as for any other invalid field, in FastAPI's own field-level shape.
+            return HTTPException(
+                422,  # spelled as a number: its constant was renamed across Starlette releases
+                [
+                    {
+                        "type": "duplicate",
+                        "loc": ["body", "url"],
+                        "msg": f"a feed with URL {url} is already registered",
+                        "input": url,
+                    }
+                ],
+            )
+
+        @router.get("")
+        async def list_feeds(
+            tag: Annotated[str | None, Query(description="only feeds with this tag")] = None,
+            state: Annotated[
+                FeedState | None, Query(description="only feeds in this state")
+            ] = None,
+        ) -> list[FeedPublic]:
+            """Every feed with its health, schedule and counters, oldest first."""
+            feeds = await self.feeds()
+            if tag is not None:
+                feeds = [f for f in feeds if tag.lower() in f.tags]
+            if state is not None:
+                feeds = [f for f in feeds if f.state == state]
+            return feeds
+
+        @router.post("", status_code=status.HTTP_201_CREATED)
+        async def add_feed(feed: FeedCreate, response: Response) -> FeedPublic:
+            """Register a feed by URL; it is polled at once."""
+            try:
+                created = await self.add_feed(feed)
+            except DuplicateFeed:
+                raise duplicate(feed.url) from None
+            response.headers["Location"] = f"/feeds/{created.id}"
+            return created
+
+        @router.get("/{feed_id}")
+        async def get_feed(feed_id: int) -> FeedPublic:
+            """One feed with its health, schedule and counters."""
+            return self.public(await found(feed_id))
+
+        @router.patch("/{feed_id}")
+        async def update_feed(feed_id: int, update: FeedUpdate) -> FeedPublic:
+            """Change a feed's URL, title, interval, tags or paused flag."""
+            await found(feed_id)
+            try:
+                record = await self.update_feed(feed_id, update)
+            except DuplicateFeed:
+                raise duplicate(update.url or "") from None
+            return self.public(record or await found(feed_id))
+
+        @router.delete("/{feed_id}", status_code=status.HTTP_204_NO_CONTENT)
+        async def delete_feed(feed_id: int) -> None:
+            """Stop polling a feed and forget it (articles it published stay seen)."""
+            if not await self._store.delete_feed(feed_id):
+                raise HTTPException(status.HTTP_404_NOT_FOUND, f"no feed with id {feed_id}")
+
+        @router.post("/{feed_id}/pause")
+        async def pause_feed(feed_id: int) -> FeedPublic:
+            """Stop polling a feed until it is resumed."""
+            await found(feed_id)
+            return self.public(
+                await found_after(self.update_feed(feed_id, FeedUpdate(paused=True)))
+            )
+
+        @router.post("/{feed_id}/resume")
+        async def resume_feed(feed_id: int) -> FeedPublic:
+            """Poll a paused feed again, starting now."""
+            await found(feed_id)
+            return self.public(
+                await found_after(self.update_feed(feed_id, FeedUpdate(paused=False)))
+            )
+
+        @router.post("/{feed_id}/poll")
+        async def poll_feed(feed_id: int) -> FeedPublic:
+            """Poll a feed now, paused or not, and return it with the outcome."""
+            await found(feed_id)
+            return self.public(await found_after(self.poll_now(feed_id)))
+
+        async def found_after(change: Any) -> FeedRecord:
+            record: FeedRecord | None = await change
+            if record is None:  # deleted meanwhile
+                raise HTTPException(status.HTTP_404_NOT_FOUND, "feed deleted meanwhile")
+            return record
 
         return router
+
+
+def _parse_in_worker(body: bytes, url: str, content_type: str, max_bytes: int) -> ParsedFeed:
+    """``parse_feed`` in a worker process (module-level, so that it pickles by name)."""
+    return parse_feed(body, url, content_type, max_bytes=max_bytes)
