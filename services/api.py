@@ -21,7 +21,10 @@ def build_app(
     routers: Sequence[APIRouter],
     readiness: Callable[[], Awaitable[dict[str, bool]]],
     settings: Settings,
+    public_routers: Sequence[APIRouter] = (),
 ) -> FastAPI:
+    """The app: ``routers`` behind the API-key guard, ``public_routers`` (links people follow
+    from an email, authorised by a token in the URL) behind the rate limit alone."""
     app = FastAPI(
         title="newsmon",
         summary="News monitoring: feeds in, topic matches out, as signed webhooks.",
@@ -43,13 +46,13 @@ def build_app(
             response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
         return {"ready": ready, "checks": checks}
 
-    guard = Depends(
-        _guard(
-            settings.api_keys, RateLimiter(settings.api_rate_per_minute, settings.api_rate_burst)
-        )
-    )
+    limiter = RateLimiter(settings.api_rate_per_minute, settings.api_rate_burst)
+    guard = Depends(_guard(settings.api_keys, limiter))
     for router in routers:
         app.include_router(router, dependencies=[guard])
+    open_guard = Depends(_guard([], limiter))
+    for router in public_routers:
+        app.include_router(router, dependencies=[open_guard])
     return app
 
 

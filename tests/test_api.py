@@ -43,7 +43,13 @@ async def ready() -> dict[str, bool]:
 async def client(request: pytest.FixtureRequest) -> AsyncIterator[httpx.AsyncClient]:
     overrides = getattr(request, "param", {})
     settings = Settings(api_keys=[ADMIN, READER], **overrides)
-    app = build_app([echo_router()], ready, settings)
+    public = APIRouter()
+
+    @public.post("/links/{token}")
+    async def follow(token: str) -> str:
+        return token
+
+    app = build_app([echo_router()], ready, settings, [public])
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
         yield c
@@ -102,7 +108,9 @@ async def test_large_bodies_are_refused_with_413(client: httpx.AsyncClient) -> N
     assert response.status_code == 413
 
 
-@pytest.mark.parametrize("client", [{"api_rate_per_minute": 60, "api_rate_burst": 3}], indirect=True)
+@pytest.mark.parametrize(
+    "client", [{"api_rate_per_minute": 60, "api_rate_burst": 3}], indirect=True
+)
 async def test_rate_limit_per_key_with_retry_after(client: httpx.AsyncClient) -> None:
     for _ in range(3):
         assert (await client.get("/things", headers=bearer(ADMIN))).status_code == 200
@@ -128,3 +136,8 @@ def test_settings_refuse_an_open_api_beyond_loopback() -> None:
     assert Settings(http_host="0.0.0.0", api_keys=[ADMIN]).api_keys == [ADMIN]
     with pytest.raises(ValueError, match="at least 24"):
         ApiKey(name="short", key="abc")
+
+
+async def test_public_routes_need_no_key_but_are_rate_limited(client: httpx.AsyncClient) -> None:
+    assert (await client.post("/links/t0k3n")).json() == "t0k3n"
+    assert (await client.post("/things", json={"text": "x"})).status_code == 401

@@ -57,3 +57,14 @@ def test_new_secrets_are_fresh_and_usable() -> None:
 def test_bad_secrets_are_refused(secret: str, message: str) -> None:
     with pytest.raises(SignatureError, match=message):
         sign(secret, "m", 1, b"x")
+
+
+def test_during_a_rotation_both_secrets_sign_and_either_verifies() -> None:
+    old, new = new_secret(), new_secret()
+    headers = signature_headers(new, SPEC_ID, SPEC_TIMESTAMP, SPEC_BODY, previous=old)
+    first, second = headers["webhook-signature"].split(" ")
+    assert first == sign(new, SPEC_ID, SPEC_TIMESTAMP, SPEC_BODY)
+    assert second == sign(old, SPEC_ID, SPEC_TIMESTAMP, SPEC_BODY)
+    assert verify(old, headers, SPEC_BODY, now=SPEC_TIMESTAMP)
+    assert verify(new, headers, SPEC_BODY, now=SPEC_TIMESTAMP)
+    assert not verify(new_secret(), headers, SPEC_BODY, now=SPEC_TIMESTAMP)

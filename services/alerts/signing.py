@@ -45,11 +45,17 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
-def signature_headers(secret: str, msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+def signature_headers(
+    secret: str, msg_id: str, timestamp: int, body: bytes, *, previous: str | None = None
+) -> dict[str, str]:
+    """The three Standard Webhooks headers; during a rotation both secrets sign, new one first."""
+    signatures = [sign(secret, msg_id, timestamp, body)]
+    if previous:
+        signatures.append(sign(previous, msg_id, timestamp, body))
     return {
         "webhook-id": msg_id,
         "webhook-timestamp": str(timestamp),
-        "webhook-signature": sign(secret, msg_id, timestamp, body),
+        "webhook-signature": " ".join(signatures),
     }
 
 

@@ -1,14 +1,24 @@
-"""Alerts' state: one row per delivery, keyed so that a redelivered match never alerts twice."""
+"""Alerts' state: subscriptions, one row per delivery, and every attempt of each delivery.
+
+A delivery's id is derived from (subscription, article, topic), so a redelivered match never
+alerts twice. The next attempt's time is stored with the delivery, so a restart resumes the
+schedule where it stopped.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+import json
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import (
+    Boolean,
     Column,
     DateTime,
+    Float,
     Index,
     Integer,
     LargeBinary,
@@ -16,15 +26,47 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    and_,
+    delete,
+    func,
+    insert,
     select,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from services.alerts.policy import DEAD, DELIVERED, PENDING, Decision, Outcome
+from services.alerts.subscriptions import Subscription
 from services.db import insert_ignoring_duplicates
 from services.events import utcnow
 
+__all__ = ["DEAD", "DELIVERED", "PENDING", "AlertsStore", "Delivery", "NewDelivery"]
+
 metadata = MetaData()
+
+subscriptions = Table(
+    "alerts_subscriptions",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("channel", String(16), nullable=False),
+    Column("url", Text),
+    Column("email", String(254)),
+    Column("topics", Text, nullable=False),  # JSON list of slugs; [] means all
+    Column("min_score", Float, nullable=False),
+    Column("mode", String(16), nullable=False),
+    Column("secret", Text),
+    Column("previous_secret", Text),
+    Column("previous_secret_expires_at", DateTime(timezone=True)),
+    Column("unsubscribe_token", String(64), nullable=False, unique=True),
+    Column("paused", Boolean, nullable=False),
+    Column("paused_reason", Text),
+    Column("disabled_reason", Text),
+    Column("disabled_at", DateTime(timezone=True)),
+    Column("failing_since", DateTime(timezone=True)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
 
 deliveries = Table(
     "alerts_deliveries",
@@ -35,16 +77,35 @@ deliveries = Table(
     Column("article_id", String(64), nullable=False),
     Column("topic", String(64), nullable=False),
     Column("status", String(16), nullable=False),  # pending | delivered | dead
-    Column("attempts", Integer, nullable=False, default=0),
+    Column("attempts", Integer, nullable=False, default=0),  # in this round (retry resets)
     Column("next_attempt_at", DateTime(timezone=True), nullable=False),
     Column("payload", LargeBinary, nullable=False),
     Column("last_error", Text),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Index("ix_alerts_deliveries_due", "status", "next_attempt_at"),
+    Index("ix_alerts_deliveries_subscription", "subscription_id", "created_at"),
 )
 
-PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
+attempts = Table(
+    "alerts_attempts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("delivery_id", String(40), nullable=False, index=True),
+    Column("attempted_at", DateTime(timezone=True), nullable=False),
+    Column("status_code", Integer),  # HTTP status or SMTP reply code; None: no reply
+    Column("latency_ms", Float, nullable=False),
+    Column("error", Text),  # None: the attempt succeeded
+)
+
+meta = Table(
+    "alerts_meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+SEEDED = "seeded_at"
 
 
 def delivery_id(subscription_id: str, article_id: str, topic: str) -> str:
@@ -60,18 +121,117 @@ class NewDelivery:
     article_id: str
     topic: str
     payload: bytes
+    not_before: datetime | None = field(default=None, kw_only=True)  # digests wait
 
 
 @dataclass(frozen=True)
-class Delivery(NewDelivery):
+class Delivery:
+    id: str
+    subscription_id: str
+    article_id: str
+    topic: str
+    payload: bytes
     status: str
     attempts: int
     last_error: str | None
+    next_attempt_at: datetime
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class Attempt:
+    attempted_at: datetime
+    status_code: int | None
+    latency_ms: float
+    error: str | None
+
+
+@dataclass(frozen=True)
+class DeliveryFilter:
+    subscription_id: str | None = None
+    status: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
 
 
 class AlertsStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+
+    # subscriptions ------------------------------------------------------------------------
+
+    async def seed_once(self, seeds: Iterable[Subscription]) -> int:
+        """Add the seeds file's subscriptions on the first start only; later starts add none,
+        so a subscription deleted through the API stays deleted. Returns how many were added."""
+        now = utcnow()
+        async with self._engine.begin() as conn:
+            if (await conn.execute(select(meta.c.value).where(meta.c.key == SEEDED))).first():
+                return 0
+            rows = [_subscription_row(s, now) for s in seeds]
+            if rows:
+                await conn.execute(insert_ignoring_duplicates(self._engine, subscriptions), rows)
+            await conn.execute(
+                insert_ignoring_duplicates(self._engine, meta),
+                [{"key": SEEDED, "value": now.isoformat()}],
+            )
+        return len(rows)
+
+    async def create_subscription(self, sub: Subscription) -> bool:
+        """Store a new subscription; False when its id is taken."""
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                insert_ignoring_duplicates(self._engine, subscriptions),
+                _subscription_row(sub, utcnow()),
+            )
+        return bool(result.rowcount)
+
+    async def subscription(self, sub_id: str) -> Subscription | None:
+        found = await self._subscriptions(subscriptions.c.id == sub_id)
+        return found[0] if found else None
+
+    async def subscription_by_token(self, token: str) -> Subscription | None:
+        found = await self._subscriptions(subscriptions.c.unsubscribe_token == token)
+        return found[0] if found else None
+
+    async def subscriptions(self, ids: Collection[str] | None = None) -> list[Subscription]:
+        return await self._subscriptions(None if ids is None else subscriptions.c.id.in_(ids))
+
+    async def recording_subscriptions(self) -> list[Subscription]:
+        """Subscriptions new matches are recorded for: all but the paused ones."""
+        return await self._subscriptions(subscriptions.c.paused.is_(False))
+
+    async def _subscriptions(self, where: Any) -> list[Subscription]:
+        query = select(subscriptions).order_by(subscriptions.c.created_at, subscriptions.c.id)
+        if where is not None:
+            query = query.where(where)
+        async with self._engine.connect() as conn:
+            return [_subscription(r) for r in (await conn.execute(query)).mappings()]
+
+    async def update_subscription(self, sub_id: str, **values: Any) -> Subscription | None:
+        if "topics" in values:
+            values["topics"] = json.dumps(list(values["topics"]))
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                update(subscriptions)
+                .where(subscriptions.c.id == sub_id)
+                .values(**values, updated_at=utcnow())
+            )
+        return await self.subscription(sub_id) if result.rowcount else None
+
+    async def delete_subscription(self, sub_id: str) -> bool:
+        """Delete a subscription; its pending deliveries end dead, its history stays."""
+        now = utcnow()
+        async with self._engine.begin() as conn:
+            result = await conn.execute(delete(subscriptions).where(subscriptions.c.id == sub_id))
+            await conn.execute(
+                update(deliveries)
+                .where(deliveries.c.subscription_id == sub_id, deliveries.c.status == PENDING)
+                .values(status=DEAD, last_error="subscription deleted", updated_at=now)
+            )
+        return bool(result.rowcount)
+
+    # deliveries ---------------------------------------------------------------------------
 
     async def add(self, rows: list[NewDelivery]) -> int:
         """Record new deliveries as pending; rows whose id exists are ignored. Returns how many."""
@@ -86,7 +246,7 @@ class AlertsStore:
                 "topic": r.topic,
                 "status": PENDING,
                 "attempts": 0,
-                "next_attempt_at": now,
+                "next_attempt_at": r.not_before or now,
                 "payload": r.payload,
                 "last_error": None,
                 "created_at": now,
@@ -105,42 +265,140 @@ class AlertsStore:
             await conn.execute(insert_ignoring_duplicates(self._engine, deliveries), values)
         return len(set(ids) - existing)
 
-    async def due(self, limit: int, exclude: set[str]) -> list[Delivery]:
-        """Pending deliveries whose next attempt is due, oldest first."""
+    async def due(
+        self,
+        limit: int,
+        *,
+        exclude: Collection[str] = (),
+        exclude_subscriptions: Collection[str] = (),
+        healthy_only: bool = False,
+    ) -> list[Delivery]:
+        """Pending deliveries whose next attempt is due, oldest first, for active subscriptions.
+
+        Deliveries of paused or disabled subscriptions wait; ``healthy_only`` leaves out
+        subscriptions that are failing.
+        """
+        conditions = [
+            deliveries.c.status == PENDING,
+            deliveries.c.next_attempt_at <= utcnow(),
+            subscriptions.c.paused.is_(False),
+            subscriptions.c.disabled_reason.is_(None),
+        ]
+        if exclude:
+            conditions.append(deliveries.c.id.not_in(exclude))
+        if exclude_subscriptions:
+            conditions.append(deliveries.c.subscription_id.not_in(exclude_subscriptions))
+        if healthy_only:
+            conditions.append(subscriptions.c.failing_since.is_(None))
         query = (
             select(deliveries)
-            .where(deliveries.c.status == PENDING, deliveries.c.next_attempt_at <= utcnow())
+            .join(subscriptions, subscriptions.c.id == deliveries.c.subscription_id)
+            .where(and_(*conditions))
             .order_by(deliveries.c.next_attempt_at)
-            .limit(limit + len(exclude))
+            .limit(limit)
         )
         async with self._engine.connect() as conn:
-            rows = (await conn.execute(query)).mappings().all()
-        found = [_delivery(r) for r in rows if r["id"] not in exclude]
-        return found[:limit]
+            return [_delivery(r) for r in (await conn.execute(query)).mappings()]
 
     async def next_due_at(self) -> datetime | None:
-        query = select(deliveries.c.next_attempt_at).where(deliveries.c.status == PENDING)
+        """When the earliest pending delivery of an active subscription falls due."""
+        query = (
+            select(func.min(deliveries.c.next_attempt_at))
+            .join(subscriptions, subscriptions.c.id == deliveries.c.subscription_id)
+            .where(
+                deliveries.c.status == PENDING,
+                subscriptions.c.paused.is_(False),
+                subscriptions.c.disabled_reason.is_(None),
+            )
+        )
         async with self._engine.connect() as conn:
-            value = (
-                await conn.execute(query.order_by(deliveries.c.next_attempt_at).limit(1))
-            ).scalar()
-        return value
+            value = (await conn.execute(query)).scalar()
+        return _aware(value)
 
-    async def record_attempt(
-        self, delivery_id: str, *, status: str, error: str | None, retry_in: float | None
+    async def due_for(self, sub_id: str, limit: int) -> list[Delivery]:
+        """One subscription's due deliveries (a digest's contents), oldest first."""
+        query = (
+            select(deliveries)
+            .where(
+                deliveries.c.subscription_id == sub_id,
+                deliveries.c.status == PENDING,
+                deliveries.c.next_attempt_at <= utcnow(),
+            )
+            .order_by(deliveries.c.created_at)
+            .limit(limit)
+        )
+        async with self._engine.connect() as conn:
+            return [_delivery(r) for r in (await conn.execute(query)).mappings()]
+
+    async def finish_attempt(
+        self,
+        delivery_ids: list[str],
+        sub: Subscription,
+        *,
+        attempted_at: datetime,
+        outcome: Outcome,
+        decision: Decision,
     ) -> None:
+        """Record one attempt (of a delivery, or of a digest's deliveries) and its consequences:
+        the deliveries' new status and next attempt, and the subscription's failure state."""
         now = utcnow()
-        values: dict[str, object] = {
-            "status": status,
+        values: dict[str, Any] = {
+            "status": decision.status,
             "attempts": deliveries.c.attempts + 1,
-            "last_error": error,
+            "last_error": outcome.error,
             "updated_at": now,
         }
-        if retry_in is not None:
-            values["next_attempt_at"] = now + timedelta(seconds=retry_in)
+        if decision.retry_in_s is not None:
+            values["next_attempt_at"] = now + timedelta(seconds=decision.retry_in_s)
         async with self._engine.begin() as conn:
             await conn.execute(
-                update(deliveries).where(deliveries.c.id == delivery_id).values(values)
+                insert(attempts),
+                [
+                    {
+                        "delivery_id": d,
+                        "attempted_at": attempted_at,
+                        "status_code": outcome.status_code,
+                        "latency_ms": round(outcome.latency_s * 1000, 3),
+                        "error": outcome.error,
+                    }
+                    for d in delivery_ids
+                ],
+            )
+            await conn.execute(
+                update(deliveries).where(deliveries.c.id.in_(delivery_ids)).values(values)
+            )
+            await self._note_health(conn, sub, attempted_at, outcome, decision)
+
+    async def _note_health(
+        self,
+        conn: AsyncConnection,
+        sub: Subscription,
+        attempted_at: datetime,
+        outcome: Outcome,
+        decision: Decision,
+    ) -> None:
+        row = subscriptions.c
+        if outcome.ok:
+            await conn.execute(
+                update(subscriptions)
+                .where(row.id == sub.id, row.failing_since.is_not(None))
+                .values(failing_since=None)
+            )
+            return
+        await conn.execute(
+            update(subscriptions)
+            .where(row.id == sub.id, row.failing_since.is_(None))
+            .values(failing_since=attempted_at)
+        )
+        if decision.disable_reason:
+            await conn.execute(
+                update(subscriptions)
+                .where(row.id == sub.id, row.disabled_reason.is_(None))
+                .values(
+                    disabled_reason=decision.disable_reason,
+                    disabled_at=utcnow(),
+                    updated_at=utcnow(),
+                )
             )
 
     async def get(self, delivery_id: str) -> Delivery | None:
@@ -152,16 +410,98 @@ class AlertsStore:
             )
         return _delivery(row) if row else None
 
+    async def attempts(self, delivery_id: str) -> list[Attempt]:
+        query = (
+            select(attempts)
+            .where(attempts.c.delivery_id == delivery_id)
+            .order_by(attempts.c.attempted_at, attempts.c.id)
+        )
+        async with self._engine.connect() as conn:
+            return [
+                Attempt(
+                    r["attempted_at"].replace(tzinfo=UTC),
+                    r["status_code"],
+                    r["latency_ms"],
+                    r["error"],
+                )
+                for r in (await conn.execute(query)).mappings()
+            ]
 
-def _delivery(row: object) -> Delivery:
-    r = dict(row)  # type: ignore[call-overload]
+    async def deliveries(self, where: DeliveryFilter, limit: int, offset: int) -> list[Delivery]:
+        """Deliveries matching ``where``, newest first."""
+        query = (
+            select(deliveries)
+            .where(*_conditions(where))
+            .order_by(deliveries.c.created_at.desc(), deliveries.c.id)
+            .limit(limit)
+            .offset(offset)
+        )
+        async with self._engine.connect() as conn:
+            return [_delivery(r) for r in (await conn.execute(query)).mappings()]
+
+    async def requeue(self, where: DeliveryFilter, ids: Collection[str] | None = None) -> int:
+        """Send deliveries again now, whatever their status, with a fresh retry schedule."""
+        conditions = _conditions(where)
+        if ids is not None:
+            conditions.append(deliveries.c.id.in_(ids))
+        now = utcnow()
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                update(deliveries)
+                .where(*conditions)
+                .values(status=PENDING, attempts=0, next_attempt_at=now, updated_at=now)
+            )
+        return int(result.rowcount)
+
+    async def count(self, status: str) -> int:
+        query = select(func.count()).select_from(deliveries).where(deliveries.c.status == status)
+        async with self._engine.connect() as conn:
+            return int((await conn.execute(query)).scalar_one())
+
+
+def _conditions(where: DeliveryFilter) -> list[Any]:
+    conditions: list[Any] = []
+    if where.subscription_id is not None:
+        conditions.append(deliveries.c.subscription_id == where.subscription_id)
+    if where.status is not None:
+        conditions.append(deliveries.c.status == where.status)
+    if where.since is not None:
+        conditions.append(deliveries.c.created_at >= where.since)
+    if where.until is not None:
+        conditions.append(deliveries.c.created_at < where.until)
+    return conditions
+
+
+def _subscription_row(sub: Subscription, now: datetime) -> dict[str, Any]:
+    row = sub.model_dump()
+    row["topics"] = json.dumps(list(sub.topics))
+    row["updated_at"] = now
+    return row
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; every time newsmon stores is UTC."""
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+def _subscription(r: RowMapping) -> Subscription:
+    values: dict[str, Any] = {k: _aware(v) if isinstance(v, datetime) else v for k, v in r.items()}
+    values["topics"] = tuple(json.loads(r["topics"]))
+    values.pop("updated_at")
+    return Subscription.model_validate(values)
+
+
+def _delivery(r: RowMapping) -> Delivery:
     return Delivery(
         id=r["id"],
         subscription_id=r["subscription_id"],
         article_id=r["article_id"],
         topic=r["topic"],
+        payload=r["payload"],
         status=r["status"],
         attempts=r["attempts"],
-        payload=r["payload"],
         last_error=r["last_error"],
+        next_attempt_at=r["next_attempt_at"].replace(tzinfo=UTC),
+        created_at=r["created_at"].replace(tzinfo=UTC),
+        updated_at=r["updated_at"].replace(tzinfo=UTC),
     )

@@ -1,0 +1,182 @@
+"""/subscriptions through the real HTTP API app: creation (secret shown once), 422s, the SSRF
+guard at registration, rotation with both signatures, pause/resume, delete, test events, seeds."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from services.alerts.subscriptions import Subscription
+from tests.test_alerts_delivery import Receiver, alerts, serve_receiver
+from tests.test_alerts_service import matched, message, until
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    async with serve_receiver() as r:
+        yield r
+
+
+def verifies(secret: str, hit: Any) -> bool:
+    """Standard Webhooks verification from first principles (not newsmon's signer)."""
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    signed = f"{hit.headers['webhook-id']}.{hit.headers['webhook-timestamp']}.".encode() + hit.body
+    expected = "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    return expected in hit.headers["webhook-signature"].split(" ")
+
+
+async def test_a_webhook_secret_is_shown_once_and_signs_its_alerts(
+    engine: Any, receiver: Receiver
+) -> None:
+    async with alerts(engine) as (service, api):
+        created = await api.post(
+            "/subscriptions",
+            json={"channel": "webhook", "url": receiver.url(), "topics": ["fentanyl"]},
+        )
+        assert created.status_code == 201, created.text
+        sub = created.json()
+        secret = sub["secret"]
+        assert secret.startswith("whsec_")
+        assert len(base64.b64decode(secret.removeprefix("whsec_"))) >= 24
+        for path in ("/subscriptions", f"/subscriptions/{sub['id']}"):
+            shown = await api.get(path)
+            assert shown.status_code == 200 and "whsec_" not in shown.text
+        await service.handle_batch([message(matched())])
+        await until(lambda: len(receiver.hits) == 1)
+    assert verifies(secret, receiver.hits[0])
+
+
+async def test_invalid_subscriptions_get_field_level_422s(engine: Any) -> None:
+    cases = [
+        ({"channel": "webhook"}, "url"),
+        ({"channel": "webhook", "url": "ftp://example.org/x"}, "url"),
+        ({"channel": "email", "email": "not-an-address"}, "email"),
+        ({"channel": "email", "email": "a@b.org\r\nBcc: x@y.org"}, "email"),
+        ({"channel": "email"}, "email"),
+        ({"channel": "pigeon"}, "channel"),
+        ({"channel": "log", "min_score": 1.5}, "min_score"),
+        ({"channel": "log", "topics": ["ok", "no spaces"]}, 1),
+        ({"channel": "log", "mode": "daily"}, "mode"),
+        ({"channel": "log", "mode": "weekly"}, "mode"),
+        ({"channel": "log", "colour": "red"}, "colour"),
+        ({"channel": "log", "id": "bad id!"}, "id"),
+    ]
+    async with alerts(engine) as (_, api):
+        for body, field in cases:
+            response = await api.post("/subscriptions", json=body)
+            assert response.status_code == 422, (body, response.text)
+            assert field in [e["loc"][-1] for e in response.json()["detail"]], response.text
+        assert (await api.get("/subscriptions")).json() == []
+
+
+async def test_the_ssrf_guard_refuses_at_registration(engine: Any) -> None:
+    names = {"rebind.example.test": ["127.0.0.1"], "inside.example.test": ["10.1.2.3"]}
+
+    async def resolver(host: str, port: int) -> list[str]:
+        if host not in names:
+            raise OSError("no such host")
+        return names[host]
+
+    async with alerts(engine, webhook_allow_loopback=False) as (service, api):
+        service.resolver = resolver
+        for url, why in [
+            ("http://127.0.0.1:8080/hook", "loopback"),
+            ("http://2130706433/hook", "loopback"),
+            ("http://0x7f000001/hook", "loopback"),
+            ("http://[::ffff:127.0.0.1]/hook", "loopback"),
+            ("http://169.254.169.254/latest", "cloud metadata"),
+            ("http://100.64.0.9/", "carrier-grade NAT"),
+            ("https://rebind.example.test/hook", "loopback"),
+            ("https://inside.example.test/hook", "private"),
+            ("https://nowhere.example.test/hook", "does not resolve"),
+        ]:
+            response = await api.post("/subscriptions", json={"channel": "webhook", "url": url})
+            assert response.status_code == 422, url
+            (error,) = response.json()["detail"]
+            assert error["loc"] == ["body", "url"] and why in error["msg"], (url, error)
+        patch = await api.post("/subscriptions", json={"channel": "log", "id": "x"})
+        assert patch.status_code == 201
+
+
+async def test_rotation_signs_with_both_secrets_during_the_overlap(
+    engine: Any, receiver: Receiver
+) -> None:
+    async with alerts(engine, webhook_secret_overlap_s=1.0) as (service, api):
+        sub = (
+            await api.post("/subscriptions", json={"channel": "webhook", "url": receiver.url()})
+        ).json()
+        rotated = (await api.post(f"/subscriptions/{sub['id']}/rotate-secret")).json()
+        assert rotated["secret"] != sub["secret"] and rotated["secret_rotation_ends_at"]
+        assert "whsec_" not in (await api.get(f"/subscriptions/{sub['id']}")).text
+        await service.handle_batch([message(matched("a1"))])
+        await until(lambda: len(receiver.hits) == 1)
+        during = receiver.hits[0]
+        await asyncio.sleep(1.1)
+        await service.handle_batch([message(matched("a2"))])
+        await until(lambda: len(receiver.hits) == 2)
+        after = receiver.hits[1]
+        log = await api.post("/subscriptions", json={"channel": "log", "id": "console"})
+        assert (await api.post("/subscriptions/console/rotate-secret")).status_code == 409
+        assert log.json()["secret"] is None
+    assert len(during.headers["webhook-signature"].split(" ")) == 2
+    assert verifies(sub["secret"], during) and verifies(rotated["secret"], during)
+    assert len(after.headers["webhook-signature"].split(" ")) == 1
+    assert verifies(rotated["secret"], after) and not verifies(sub["secret"], after)
+
+
+async def test_pause_resume_update_delete_and_test_events(engine: Any, receiver: Receiver) -> None:
+    async with alerts(engine) as (service, api):
+        sub = (
+            await api.post(
+                "/subscriptions", json={"id": "s1", "channel": "webhook", "url": receiver.url()}
+            )
+        ).json()
+        assert (
+            await api.post("/subscriptions", json={"id": "s1", "channel": "log"})
+        ).status_code == 409
+
+        paused = (await api.post("/subscriptions/s1/pause")).json()
+        assert paused["active"] is False and paused["paused_reason"] == "paused through the API"
+        assert await service.handle_batch([message(matched("a1"))]) == 0  # nothing recorded
+        assert (await api.post("/subscriptions/s1/resume")).json()["active"] is True
+        assert await service.handle_batch([message(matched("a2"))]) == 1
+        await until(lambda: len(receiver.hits) == 1)
+
+        updated = await api.patch(
+            "/subscriptions/s1", json={"topics": ["extradition"], "min_score": 0.2}
+        )
+        assert updated.json()["topics"] == ["extradition"] and updated.json()["min_score"] == 0.2
+        bad = await api.patch("/subscriptions/s1", json={"mode": "daily", "min_score": -1})
+        assert bad.status_code == 422
+        assert await service.handle_batch([message(matched("a3", {"fentanyl": 0.9}))]) == 0
+
+        queued = await api.post("/subscriptions/s1/test")
+        assert queued.status_code == 202
+        await until(lambda: len(receiver.hits) == 2)
+        test_body = json.loads(receiver.hits[1].body)
+        assert test_body["type"] == "subscription.test"
+        assert receiver.hits[1].headers["webhook-id"] == queued.json()["delivery_id"]
+        assert verifies(sub["secret"], receiver.hits[1])
+
+        assert (await api.delete("/subscriptions/s1")).status_code == 204
+        for call in (api.get("/subscriptions/s1"), api.delete("/subscriptions/s1"),
+                     api.post("/subscriptions/s1/pause"), api.post("/subscriptions/s1/test")):  # fmt: skip
+            assert (await call).status_code == 404
+        history = (await api.get("/deliveries", params={"subscription_id": "s1"})).json()
+        assert len(history) == 2  # the history stays
+
+
+async def test_the_seeds_file_is_loaded_on_the_first_start_only(engine: Any) -> None:
+    seeds = [Subscription(id="console", channel="log")]
+    async with alerts(engine, seeds) as (_, api):
+        assert [s["id"] for s in (await api.get("/subscriptions")).json()] == ["console"]
+        assert (await api.delete("/subscriptions/console")).status_code == 204
+    async with alerts(engine, seeds) as (_, api):
+        assert (await api.get("/subscriptions")).json() == []
