@@ -6,18 +6,28 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from services.classify.model import Vectors
 from services.classify.scoring import (
     MAX_PASSAGES,
     MAX_TEXT_CHARS,
     PASSAGE_WORDS,
+    embed_articles,
     index_topics,
+    replay,
     score_articles,
     score_topic,
     split_passages,
 )
-from services.classify.topics import Topic
+from services.classify.topics import (
+    MAX_EXAMPLE_CHARS,
+    MAX_EXAMPLES,
+    Topic,
+    TopicUpdate,
+    check_keywords,
+    find_term,
+)
 from services.events import TopicScore
 
 
@@ -171,3 +181,90 @@ def test_empty_article_gets_no_scores_and_disabled_topics_are_skipped() -> None:
     results = score_articles([("", "  "), ("Weather was sunny.", "")], indexes, embedder)
     assert results[0] == []
     assert [s.topic for s in results[1]] == ["extradition"]
+
+
+# --- keyword constraints, text cleaning, replay -------------------------------------------------
+
+
+def test_require_any_vetoes_a_match_and_says_why() -> None:
+    strict = TOPIC.model_copy(update={"require_any": ("extradit*",)})
+    result = _score("Mexico sends cartel boss to face US trial.", topic=strict)
+    assert result.score >= strict.threshold and not result.matched
+    assert result.evidence.rejected_by == "mentions none of the required terms: extradit*"
+    assert result.evidence.required_term is None
+
+
+def test_require_any_names_the_term_found_and_exclude_any_vetoes() -> None:
+    text = "Mexico extradited a drug lord to the US."
+    kept = _score(text, topic=TOPIC.model_copy(update={"require_any": ("extradit*", "handed")}))
+    assert kept.matched and kept.evidence.required_term == "extradited"
+    assert kept.evidence.rejected_by is None
+    vetoed = _score(text, topic=TOPIC.model_copy(update={"exclude_any": ("drug lord",)}))
+    assert not vetoed.matched
+    assert vetoed.evidence.rejected_by == "mentions the excluded term 'drug lord'"
+
+
+def test_terms_match_whole_words_case_insensitively() -> None:
+    assert find_term(("OPEC",), "The opec cartel met") == "opec"
+    assert find_term(("cartel",), "cartels") is None
+    assert find_term(("cartel*",), "Cartels clashed") == "Cartels"
+    assert find_term(("López Obrador",), "president López Obrador said") == "López Obrador"
+    assert check_keywords(TOPIC, "anything") == (None, None)
+
+
+def test_control_characters_are_removed_before_scoring() -> None:
+    passages = split_passages("Tit\x00le", "Body\x07 text\ud800.")
+    assert passages[0] == "Tit le"
+    assert all("\x00" not in p and "\x07" not in p and "\ud800" not in p for p in passages)
+
+
+def test_replay_reports_articles_whose_decision_flips() -> None:
+    embedder = FakeEmbedder(VECTORS)
+    articles = embed_articles(
+        [("Mexico sends cartel boss to face US trial.", ""), ("Weather was sunny.", "")],
+        embedder,
+    )
+    current, stricter, looser = index_topics(
+        [
+            TOPIC,
+            TOPIC.model_copy(update={"threshold": 0.99}),
+            TOPIC.model_copy(update={"threshold": 0.0}),
+        ],
+        embedder,
+    )
+    changes, before, after = replay(articles, current, stricter)
+    assert (before, after) == (1, 0)
+    assert [(c.index, c.before.matched, c.after.matched) for c in changes] == [(0, True, False)]
+    changes, before, after = replay(articles, current, looser)
+    assert (before, after) == (1, 2) and [c.index for c in changes] == [1]
+    _, before, after = replay(articles, None, current)
+    assert (before, after) == (0, 1)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("description", "   ", "must not be empty"),
+        ("threshold", 1.5, "less than or equal to 1"),
+        ("threshold", -0.1, "greater than or equal to 0"),
+        ("examples", tuple(f"example {i}" for i in range(MAX_EXAMPLES + 1)), "at most"),
+        ("examples", ("x" * (MAX_EXAMPLE_CHARS + 1),), "at most"),
+        ("examples", ("same", "Same"), "duplicate entry"),
+        ("examples", (), "at least 1"),
+        ("slug", "Not A Slug", "should match pattern"),
+        ("require_any", ("*",), "should match pattern"),
+    ],
+)
+def test_topic_validation_names_the_field(field: str, value: object, message: str) -> None:
+    data = {**TOPIC.model_dump(), field: value}
+    with pytest.raises(ValidationError) as caught:
+        Topic.model_validate(data)
+    [error] = caught.value.errors()
+    assert error["loc"][0] == field
+    assert message in error["msg"]
+
+
+def test_update_changes_only_the_given_fields() -> None:
+    changed = TopicUpdate(threshold=0.7, exclude_any=("OPEC",)).apply(TOPIC)
+    assert changed.threshold == 0.7 and changed.exclude_any == ("OPEC",)
+    assert changed.examples == TOPIC.examples and changed.version == TOPIC.version

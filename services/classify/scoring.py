@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from services.classify.model import Embedder, Vectors
-from services.classify.topics import Topic
+from services.classify.topics import Topic, check_keywords
 from services.events import Evidence, TopicScore
 
 # all-MiniLM-L6-v2 reads at most 256 word pieces. Short passages keep one mention (a seizure, an
@@ -37,6 +37,9 @@ MAX_PASSAGES = 48
 TOP_K = 3
 NEGATIVE_WEIGHT = 0.5
 
+# C0 controls but tab and newline, DEL, and lone surrogates: noise to the model, and NUL cannot
+# be stored in PostgreSQL text.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ud800-\udfff]")
 _SENTENCE_END = re.compile(r"(?<=[.!?…])[\"”’)\]]*\s+(?=[\"“‘(\[]?[A-Z0-9¿¡])")
 _PARAGRAPHS = re.compile(r"\n")
 
@@ -49,17 +52,22 @@ def split_passages(title: str, text: str) -> list[str]:
     paragraph, in text extracted from a feed) always ends a passage; within a paragraph sentences
     are packed greedily. At most ``MAX_PASSAGES`` passages are returned.
     """
-    title = " ".join(title.split())
-    body = _split_body(text)
+    title = " ".join(clean_text(title).split())
+    body = _split_body(clean_text(text))
     passages = [title] if title else []
     if title and body:
         passages.append(f"{title.rstrip('.')}. {body[0]}")
     return (passages + body)[:MAX_PASSAGES]
 
 
+def clean_text(text: str) -> str:
+    """``text`` cut to ``MAX_TEXT_CHARS`` and without control characters."""
+    return _CONTROL.sub(" ", text[:MAX_TEXT_CHARS])
+
+
 def _split_body(text: str) -> list[str]:
     passages: list[str] = []
-    for paragraph in _PARAGRAPHS.split(text[:MAX_TEXT_CHARS]):
+    for paragraph in _PARAGRAPHS.split(text):
         paragraph = " ".join(paragraph.split())
         if not paragraph:
             continue
@@ -121,13 +129,17 @@ def _top_k(similarities: Vectors, k: int) -> tuple[Vectors, npt.NDArray[np.intp]
     return top.mean(axis=1), similarities.argmax(axis=1)
 
 
-def score_topic(passages: Sequence[str], passage_vectors: Vectors, index: TopicIndex) -> TopicScore:
+def score_topic(
+    passages: Sequence[str], passage_vectors: Vectors, index: TopicIndex, text: str = ""
+) -> TopicScore:
     """Score one article's passages against one topic; the best passage decides.
 
     ``score = clip(0.5 + 0.5 * (pos - NEGATIVE_WEIGHT * neg), 0, 1)`` where ``pos`` and ``neg``
     are the passage's mean cosine similarity to its ``TOP_K`` nearest positives and nearest
-    counter-examples (``neg`` is 0 for a topic without counter-examples). The evidence names the
-    deciding passage and its single nearest positive and counter-example, with their similarity.
+    counter-examples (``neg`` is 0 for a topic without counter-examples). The article matches
+    when the score reaches the threshold and ``text`` (title and body) passes the topic's
+    keyword constraints. The evidence names the deciding passage, its single nearest positive
+    and counter-example with their similarity, and what the keyword constraints found.
     """
     if not passages:
         raise ValueError("an article needs at least one passage to be scored")
@@ -143,21 +155,69 @@ def score_topic(passages: Sequence[str], passage_vectors: Vectors, index: TopicI
     p = int(scores.argmax())
     score = round(float(scores[p]), 4)
     topic = index.topic
+    required_term, rejected_by = check_keywords(topic, text or " ".join(passages))
     evidence = Evidence(
         passage=passages[p],
         nearest_positive=index.positives[int(best_pos[p])],
         positive_similarity=round(float(pos_sims[p, best_pos[p]]), 4),
         nearest_negative=index.negatives[int(best_neg[p])] if has_negatives else None,
         negative_similarity=round(float(neg_sims[p, best_neg[p]]), 4) if has_negatives else None,
+        required_term=required_term,
+        rejected_by=rejected_by,
     )
     return TopicScore(
         topic=topic.slug,
         topic_version=topic.version,
         score=score,
         threshold=topic.threshold,
-        matched=score >= topic.threshold,
+        matched=score >= topic.threshold and rejected_by is None,
         evidence=evidence,
     )
+
+
+@dataclass(frozen=True)
+class EmbeddedArticle:
+    """An article's passages with their vectors, and its cleaned text for keyword constraints.
+
+    No passages means the article had no text to score.
+    """
+
+    passages: tuple[str, ...]
+    vectors: Vectors
+    text: str
+
+
+def embed_articles(
+    articles: Sequence[tuple[str, str]], embedder: Embedder
+) -> list[EmbeddedArticle]:
+    """Split ``(title, text)`` pairs into passages and embed all of them in one model call."""
+    split = [split_passages(title, text) for title, text in articles]
+    texts = [p for passages in split for p in passages]
+    # Nothing to embed (only empty articles): no model call.
+    vectors = embedder.embed(texts) if texts else np.zeros((0, 0), dtype=np.float32)
+    embedded: list[EmbeddedArticle] = []
+    start = 0
+    for (title, text), passages in zip(articles, split, strict=True):
+        embedded.append(
+            EmbeddedArticle(
+                passages=tuple(passages),
+                vectors=vectors[start : start + len(passages)],
+                text=clean_text(f"{title}\n{text}"),
+            )
+        )
+        start += len(passages)
+    return embedded
+
+
+def score_embedded(article: EmbeddedArticle, indexes: Sequence[TopicIndex]) -> list[TopicScore]:
+    """Every enabled topic's score for an embedded article; none for an article without text."""
+    if not article.passages:
+        return []
+    return [
+        score_topic(article.passages, article.vectors, ix, article.text)
+        for ix in indexes
+        if ix.topic.enabled
+    ]
 
 
 def score_articles(
@@ -167,15 +227,40 @@ def score_articles(
 
     An article with neither title nor text gets no scores (an empty list).
     """
-    split = [split_passages(title, text) for title, text in articles]
-    vectors = embedder.embed([p for passages in split for p in passages])
-    results: list[list[TopicScore]] = []
-    start = 0
-    for passages in split:
-        rows = vectors[start : start + len(passages)]
-        start += len(passages)
-        if not passages:
-            results.append([])
+    return [score_embedded(a, indexes) for a in embed_articles(articles, embedder)]
+
+
+@dataclass(frozen=True)
+class Change:
+    """How one stored article's decision for a topic changes under a draft of that topic."""
+
+    index: int
+    before: TopicScore
+    after: TopicScore
+
+
+def replay(
+    articles: Sequence[EmbeddedArticle], current: TopicIndex | None, draft: TopicIndex
+) -> tuple[list[Change], int, int]:
+    """Score ``articles`` with the current topic and with a draft of it.
+
+    Returns the articles whose decision flips, and how many match before and after. Both
+    sides are scored regardless of ``enabled`` so that a draft of a disabled topic can be
+    previewed; ``current`` None (a topic not stored yet) matches nothing.
+    """
+    changes: list[Change] = []
+    before_count = after_count = 0
+    for i, article in enumerate(articles):
+        if not article.passages:
             continue
-        results.append([score_topic(passages, rows, ix) for ix in indexes if ix.topic.enabled])
-    return results
+        after = score_topic(article.passages, article.vectors, draft, article.text)
+        before = (
+            score_topic(article.passages, article.vectors, current, article.text)
+            if current is not None
+            else after.model_copy(update={"matched": False})
+        )
+        before_count += before.matched
+        after_count += after.matched
+        if before.matched != after.matched:
+            changes.append(Change(i, before, after))
+    return changes, before_count, after_count

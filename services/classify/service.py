@@ -1,25 +1,46 @@
-"""The classify service: score each fetched article against the topics, publish the matches."""
+"""The classify service: score fetched articles against the stored topics, publish the matches.
+
+It consumes ``articles.fetched`` in micro-batches (up to ``classify_batch_size`` articles or
+``classify_batch_wait_s`` after the first), embeds every passage of a batch in one model call
+off the event loop, publishes ``articles.matched``, and records matches and embeddings. A
+message that cannot be processed is retried a bounded number of times, then dead-lettered to
+``articles.fetched.dlq`` with its coordinates and the error, and the partition moves on.
+
+Topics live in the store. A change made through the API publishes ``topics.changed``; every
+classify process follows that topic in a consumer group of its own and reloads its topics.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
+from collections.abc import Sequence
 
-from fastapi import APIRouter
-from sqlalchemy import MetaData
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.bus import Bus, Consumer, Message
+from services.classify import store
+from services.classify.api import build_router
 from services.classify.model import Embedder
-from services.classify.scoring import TopicIndex, index_topics, score_articles
+from services.classify.scoring import (
+    EmbeddedArticle,
+    TopicIndex,
+    embed_articles,
+    index_topics,
+    score_embedded,
+)
 from services.classify.topics import Topic
 from services.events import (
     ARTICLES_FETCHED,
+    ARTICLES_FETCHED_DLQ,
     ARTICLES_MATCHED,
+    TOPICS_CHANGED,
     ArticleFetched,
     ArticleMatched,
     EventError,
-    TopicScore,
+    TopicChanged,
 )
 from services.settings import Settings
 
@@ -33,64 +54,133 @@ _DERIVED = uuid.UUID("6f1c3b0e-8a52-4d0c-9d7e-2b1f4f6a9c10")
 
 class ClassifyService:
     name = "classify"
-    metadata: MetaData | None = None  # keeps no state of its own yet
+    metadata = store.metadata
 
     def __init__(
-        self, settings: Settings, bus: Bus, embedder: Embedder, topics: list[Topic]
+        self,
+        settings: Settings,
+        bus: Bus,
+        engine: AsyncEngine,
+        embedder: Embedder,
+        seeds: Sequence[Topic],
+        *,
+        seeds_source: str = "seeds",
     ) -> None:
-        self._settings = settings
-        self._bus = bus
-        self._embedder = embedder
-        self._topics = topics
-        self._indexes: list[TopicIndex] | None = None
-        self.router = self._routes()
+        self.settings = settings
+        self.bus = bus
+        self.engine = engine
+        self.embedder = embedder
+        self._seeds = list(seeds)
+        self._seeds_source = seeds_source
+        self._indexes: list[TopicIndex] = []
+        self._reload_lock = asyncio.Lock()
+        self._start_lock = asyncio.Lock()
+        self._started = False
+        # Set once this process follows topics.changed: a change published after it is seen.
+        self.following_changes = asyncio.Event()
+        self.router = build_router(self)
+
+    @property
+    def indexes(self) -> list[TopicIndex]:
+        """The current topics, embedded; replaced whole on every reload."""
+        return self._indexes
+
+    async def start(self) -> None:
+        """Seed the store on its first start, then load and embed the topics (once).
+
+        The API calls it too: it may answer before ``run`` has got this far.
+        """
+        async with self._start_lock:
+            if self._started:
+                return
+            if await store.seed_topics(self.engine, self._seeds, self._seeds_source):
+                log.info("seeded %d topics from %s", len(self._seeds), self._seeds_source)
+            await self.reload_topics()
+            self._started = True
+
+    async def reload_topics(self) -> None:
+        async with self._reload_lock:
+            topics = await store.load_topics(self.engine)
+            self._indexes = await asyncio.to_thread(index_topics, topics, self.embedder)
+        log.info("topics loaded: %s", ", ".join(f"{t.slug}@v{t.version}" for t in topics))
+
+    async def topic_changed(self, topic: Topic, change: str) -> None:
+        """Reload here, then tell every other classify process."""
+        await self.reload_topics()
+        event = TopicChanged(slug=topic.slug, topic_version=topic.version, change=change)
+        await self.bus.publish(
+            TOPICS_CHANGED, event.encode(), key=topic.slug, headers={"type": event.type}
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self._bus.ensure_topics([ARTICLES_FETCHED, ARTICLES_MATCHED])
-        await self._topic_indexes()
-        log.info("classify ready: %d topics", len(self._topics))
-        async with self._bus.consumer([ARTICLES_FETCHED], GROUP) as consumer:
+        await self.bus.ensure_topics(
+            [ARTICLES_FETCHED, ARTICLES_MATCHED, TOPICS_CHANGED, ARTICLES_FETCHED_DLQ]
+        )
+        await self.start()
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._follow_topic_changes(stop))
+            tasks.create_task(self._consume(stop))
+
+    async def _consume(self, stop: asyncio.Event) -> None:
+        async with self.bus.consumer([ARTICLES_FETCHED], GROUP) as consumer:
+            log.info("classify consuming %s", ARTICLES_FETCHED)
             while not stop.is_set():
                 batch = await self._next_batch(consumer)
                 if batch:
                     await self.handle_batch(batch)
                     await consumer.commit()
 
+    async def _follow_topic_changes(self, stop: asyncio.Event) -> None:
+        # A group of its own per process: each process must see every change.
+        group = f"classify-topics-{uuid.uuid4().hex}"
+        async with self.bus.consumer([TOPICS_CHANGED], group) as consumer:
+            self.following_changes.set()
+            while not stop.is_set():
+                messages = await consumer.poll(100, timeout=0.5)
+                if messages:
+                    await self.reload_topics()
+                    await consumer.commit()
+
     async def _next_batch(self, consumer: Consumer) -> list[Message]:
-        """Up to ``classify_batch_size`` messages: wait for the first, then briefly for more."""
-        size = self._settings.classify_batch_size
+        """Up to ``classify_batch_size`` messages, waiting at most ``classify_batch_wait_s``
+        after the first for the batch to fill."""
+        size = self.settings.classify_batch_size
         batch = await consumer.poll(size, timeout=0.5)
-        if batch and len(batch) < size and self._settings.classify_batch_wait_s > 0:
-            await asyncio.sleep(self._settings.classify_batch_wait_s)
-            batch += await consumer.poll(size - len(batch), timeout=0)
+        if not batch:
+            return batch
+        deadline = time.monotonic() + self.settings.classify_batch_wait_s
+        while len(batch) < size and (remaining := deadline - time.monotonic()) > 0:
+            batch += await consumer.poll(size - len(batch), timeout=remaining)
         return batch
 
     async def handle_batch(self, messages: list[Message]) -> None:
+        """Classify a batch; whatever cannot be processed is dead-lettered, never lost."""
         events: list[tuple[Message, ArticleFetched]] = []
         for message in messages:
             try:
                 events.append((message, ArticleFetched.decode(message.value)))
             except EventError as exc:
-                log.error("skipping malformed event at %s: %s", message.coordinates, exc)
+                # Retrying a malformed message cannot help: straight to the dead letters.
+                await self._dead_letter(message, f"malformed event: {exc}", attempts=1)
         if not events:
             return
-        indexes = await self._topic_indexes()
-        results = await asyncio.to_thread(self._score, indexes, [event for _, event in events])
-        for (message, event), scores in zip(events, results, strict=True):
-            if scores is None:
-                log.error(
-                    "article %s at %s could not be scored; skipped",
-                    event.article.article_id,
-                    message.coordinates,
-                )
+        indexes = self._indexes
+        results = await asyncio.to_thread(self._embed, [event for _, event in events])
+        classified: list[store.Classified] = []
+        for (message, event), result in zip(events, results, strict=True):
+            if isinstance(result, BaseException):
+                attempts = self.settings.classify_max_attempts
+                await self._dead_letter(message, f"classification failed: {result!r}", attempts)
                 continue
+            scores = score_embedded(result, indexes)
             if not scores:
                 log.warning(
-                    "article %s at %s has no text to score",
+                    "article %s at %s has no text to score (empty or whitespace title and body)",
                     event.article.article_id,
                     message.coordinates,
                 )
                 continue
+            matched_id = None
             if any(s.matched for s in scores):
                 matched = ArticleMatched(
                     event_id=uuid.uuid5(_DERIVED, event.event_id).hex,
@@ -98,42 +188,53 @@ class ClassifyService:
                     scores=scores,
                     fetched_at=event.fetched_at,
                 )
-                await self._bus.publish(
+                await self.bus.publish(
                     ARTICLES_MATCHED,
                     matched.encode(),
                     key=event.article.article_id,
                     headers={"type": matched.type},
                 )
+                matched_id = matched.event_id
+            classified.append(store.Classified(event.article, result, matched_id, scores))
+        if classified:
+            await store.record(self.engine, classified, self.settings.classify_recent_articles)
 
-    async def _topic_indexes(self) -> list[TopicIndex]:
-        if self._indexes is None:
-            self._indexes = await asyncio.to_thread(index_topics, self._topics, self._embedder)
-        return self._indexes
-
-    def _score(
-        self, indexes: list[TopicIndex], events: list[ArticleFetched]
-    ) -> list[list[TopicScore] | None]:
-        """Score a batch in one model call; if that fails, one by one to isolate the bad article."""
+    def _embed(self, events: list[ArticleFetched]) -> list[EmbeddedArticle | BaseException]:
+        """Embed a batch in one model call; if that fails, article by article, each retried up
+        to ``classify_max_attempts`` times, so that one bad article cannot sink the others."""
         pairs = [(e.article.title, e.article.text) for e in events]
         try:
-            return list(score_articles(pairs, indexes, self._embedder))
+            return list(embed_articles(pairs, self.embedder))
         except Exception:
-            log.exception("batch scoring failed; scoring its %d articles one by one", len(pairs))
-        results: list[list[TopicScore] | None] = []
-        for pair in pairs:
-            try:
-                results.extend(score_articles([pair], indexes, self._embedder))
-            except Exception:
-                log.exception("scoring failed for %r", pair[0][:120])
-                results.append(None)
+            log.exception("batch embedding failed; embedding its %d articles singly", len(pairs))
+        results: list[EmbeddedArticle | BaseException] = []
+        for event, pair in zip(events, pairs, strict=True):
+            for attempt in range(1, self.settings.classify_max_attempts + 1):
+                try:
+                    results.append(embed_articles([pair], self.embedder)[0])
+                    break
+                except Exception as exc:
+                    log.warning(
+                        "article %s: attempt %d failed: %r", event.article.article_id, attempt, exc
+                    )
+                    if attempt == self.settings.classify_max_attempts:
+                        results.append(exc)
+                    else:
+                        time.sleep(self.settings.classify_retry_delay_s)
         return results
 
-    def _routes(self) -> APIRouter:
-        router = APIRouter(tags=["topics"])
-
-        @router.get("/topics")
-        async def list_topics() -> list[Topic]:
-            """The configured topics with their descriptions, examples and thresholds."""
-            return self._topics
-
-        return router
+    async def _dead_letter(self, message: Message, error: str, attempts: int) -> None:
+        log.error("dead-lettering %s after %d attempt(s): %s", message.coordinates, attempts, error)
+        await self.bus.publish(
+            ARTICLES_FETCHED_DLQ,
+            message.value,
+            key=message.key,
+            headers={
+                **message.headers,
+                "source-topic": message.topic,
+                "source-partition": str(message.partition),
+                "source-offset": str(message.offset),
+                "error": error[:1000],
+                "attempts": str(attempts),
+            },
+        )

@@ -1,26 +1,129 @@
-"""Topics: what operators want to hear about, and how they are loaded from the seeds file."""
+"""Topics: what operators want to hear about, their keyword constraints, and the seeds file.
+
+A topic is described in words and by examples on both sides; it may also carry keyword
+constraints (``require_any``: a match must mention one of these terms; ``exclude_any``: a match
+must mention none of them). Terms are case-insensitive words or phrases matched on word
+boundaries; a trailing ``*`` matches any ending (``extradit*``).
+"""
 
 from __future__ import annotations
 
+import re
 import tomllib
+from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+MAX_EXAMPLES = 60
+MAX_EXAMPLE_CHARS = 500
+MAX_TERMS = 60
+MAX_TERM_CHARS = 80
+SLUG_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 
 
-class Topic(BaseModel):
-    """A topic an article can match: described in words and by examples on both sides."""
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty or whitespace")
+    return value
 
-    model_config = ConfigDict(frozen=True)
 
-    slug: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
-    name: str = Field(min_length=1, max_length=200)
-    description: str = Field(min_length=1, max_length=2000)
-    examples: tuple[str, ...] = Field(min_length=1, max_length=100)
-    counter_examples: tuple[str, ...] = Field(default=(), max_length=100)
+def _no_duplicates(values: tuple[str, ...]) -> tuple[str, ...]:
+    seen: set[str] = set()
+    for v in values:
+        if v.casefold() in seen:
+            raise ValueError(f"duplicate entry {v!r}")
+        seen.add(v.casefold())
+    return values
+
+
+Example = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_EXAMPLE_CHARS),
+]
+Term = Annotated[
+    str,
+    StringConstraints(
+        strip_whitespace=True, min_length=1, max_length=MAX_TERM_CHARS, pattern=r"^[^*]+\*?$"
+    ),
+]
+Description = Annotated[str, Field(max_length=2000), AfterValidator(_not_blank)]
+Name = Annotated[str, Field(max_length=200), AfterValidator(_not_blank)]
+Examples = Annotated[tuple[Example, ...], AfterValidator(_no_duplicates)]
+Terms = Annotated[tuple[Term, ...], Field(max_length=MAX_TERMS)]
+
+
+class TopicDefinition(BaseModel):
+    """What an operator writes: everything of a topic but its version."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    slug: str = Field(pattern=SLUG_PATTERN)
+    name: Name
+    description: Description
+    examples: Annotated[Examples, Field(min_length=1, max_length=MAX_EXAMPLES)]
+    counter_examples: Annotated[Examples, Field(max_length=MAX_EXAMPLES)] = ()
     threshold: float = Field(ge=0.0, le=1.0)
+    require_any: Terms = ()
+    exclude_any: Terms = ()
     enabled: bool = True
+
+
+class Topic(TopicDefinition):
+    """A stored topic: its definition and the version that every change bumps."""
+
     version: int = Field(1, ge=1)
+
+
+class TopicUpdate(BaseModel):
+    """A partial change to a topic (also a draft for previews): only the fields given change."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name | None = None
+    description: Description | None = None
+    examples: Annotated[Examples, Field(min_length=1, max_length=MAX_EXAMPLES)] | None = None
+    counter_examples: Annotated[Examples, Field(max_length=MAX_EXAMPLES)] | None = None
+    threshold: float | None = Field(None, ge=0.0, le=1.0)
+    require_any: Terms | None = None
+    exclude_any: Terms | None = None
+    enabled: bool | None = None
+
+    def apply(self, topic: Topic) -> Topic:
+        """``topic`` with this update's fields replaced (the version is left to the caller)."""
+        return Topic.model_validate({**topic.model_dump(), **self.model_dump(exclude_unset=True)})
+
+
+@lru_cache(maxsize=1024)
+def _term_pattern(terms: tuple[str, ...]) -> re.Pattern[str]:
+    alternatives = [
+        re.escape(t[:-1]) + r"\w*" if t.endswith("*") else re.escape(t) + r"\b" for t in terms
+    ]
+    return re.compile(r"\b(?:" + "|".join(alternatives) + ")", re.IGNORECASE)
+
+
+def find_term(terms: tuple[str, ...], text: str) -> str | None:
+    """The first of ``terms`` that ``text`` mentions, as written in the text; None if none."""
+    if not terms:
+        return None
+    found = _term_pattern(terms).search(text)
+    return found.group(0) if found else None
+
+
+def check_keywords(topic: TopicDefinition, text: str) -> tuple[str | None, str | None]:
+    """Apply the topic's keyword constraints to ``text``.
+
+    Returns ``(required_hit, rejection)``: the word that satisfied ``require_any`` (None when
+    the topic requires nothing), and why the constraints veto a match (None when they do not).
+    """
+    required_hit = find_term(topic.require_any, text)
+    if topic.require_any and required_hit is None:
+        return None, "mentions none of the required terms: " + ", ".join(topic.require_any)
+    excluded = find_term(topic.exclude_any, text)
+    if excluded is not None:
+        return required_hit, f"mentions the excluded term {excluded!r}"
+    return required_hit, None
 
 
 def load_topics(path: Path) -> list[Topic]:
