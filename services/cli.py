@@ -6,10 +6,12 @@ import argparse
 import asyncio
 import logging
 import sys
+from pathlib import Path
 
 from pydantic import ValidationError
 
 from services.bus import BusError
+from services.logs import configure_logging
 from services.settings import Settings
 
 
@@ -19,6 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="all three services in one process (embedded default)")
     for name in ("ingest", "classify", "alerts"):
         commands.add_parser(name, help=f"the {name} service alone, on Kafka")
+    score = commands.add_parser(
+        "score", help="score a JSONL file of articles with the configured topics"
+    )
+    score.add_argument("input", type=Path, help="JSONL: id, title, summary, content (optional)")
+    score.add_argument("-o", "--output", type=Path, help="JSONL of scores (default: stdout)")
+    score.add_argument("--topics", type=Path, help="a topics TOML file instead of the store's")
     for sub in commands.choices.values():
         sub.add_argument("--host", help="HTTP API address (NEWSMON_HTTP_HOST)")
         sub.add_argument("--port", type=int, help="HTTP API port (NEWSMON_HTTP_PORT)")
@@ -44,11 +52,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
         )
         parser.exit(2, f"newsmon: invalid settings: {problems}\n")
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(settings.log_level, settings.log_format)
+    if args.command == "score":
+        from services.classify.batch import run as score_file
+
+        return score_file(settings, args.input, args.output, args.topics)
     roles: tuple[str, ...]
     if args.command == "run":
         roles = ("ingest", "classify", "alerts")

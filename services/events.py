@@ -107,6 +107,10 @@ class Evidence(BaseModel):
     positive_similarity: float
     nearest_negative: str | None = None
     negative_similarity: float | None = None
+    # Keyword constraints: the word that satisfied ``require_any``, and why the constraints
+    # vetoed a match (a score above the threshold does not match when this is set).
+    required_term: str | None = None
+    rejected_by: str | None = None
 
 
 class TopicScore(BaseModel):
@@ -132,3 +136,21 @@ class ArticleMatched(Event):
     @property
     def matches(self) -> list[TopicScore]:
         return [s for s in self.scores if s.matched]
+
+
+# Topic changes ------------------------------------------------------------------------------
+
+TOPICS_CHANGED = "topics.changed"
+# Where classify sends an ``articles.fetched`` message it could not process, with the original
+# value and ``source-topic`` / ``source-partition`` / ``source-offset`` / ``error`` headers.
+ARTICLES_FETCHED_DLQ = "articles.fetched.dlq"
+
+
+class TopicChanged(Event):
+    """A topic was created, updated, enabled, disabled or deleted; with its new version."""
+
+    type: ClassVar[str] = "topic.changed"
+
+    slug: str
+    topic_version: int
+    change: str

@@ -104,7 +104,9 @@ async def serve(
         async def readiness() -> dict[str, bool]:
             return {"bus": await bus.ready()}
 
-        app = build_app([s.router for s in services], readiness, settings)
+        # A service may also have routes that people reach without an API key (email links).
+        public = [r for s in services if (r := getattr(s, "public_router", None)) is not None]
+        app = build_app([s.router for s in services], readiness, settings, public)
         server = _Server(
             uvicorn.Config(
                 app,

@@ -6,7 +6,7 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.access import ApiKey
@@ -22,6 +22,7 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=0, le=65535)
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
     shutdown_timeout_s: float = Field(
         20.0, gt=0, description="on SIGTERM, how long in-flight work may take to finish"
     )
@@ -40,23 +41,84 @@ class Settings(BaseSettings):
 
     # ingest
     poll_interval_s: float = Field(600.0, gt=0, description="default seconds between polls")
+    poll_backoff_max_s: float = Field(
+        6 * 3600.0, gt=0, description="longest wait between polls of a failing feed"
+    )
+    feed_failing_after: int = Field(3, ge=1, description="consecutive failures that mark failing")
     fetch_timeout_s: float = Field(20.0, gt=0, description="total deadline of one feed fetch")
     fetch_max_bytes: int = Field(15 * 1024 * 1024, gt=0)
-    user_agent: str = "newsmon/0.1 (+https://github.com/newsmon/newsmon)"
+    fetch_concurrency: int = Field(16, ge=1, description="fetches in flight at once, overall")
+    fetch_per_host: int = Field(2, ge=1, description="fetches in flight at once to one host")
+    user_agent: str = "newsmon/0.1"
+    contact_url: str = Field(
+        "https://github.com/newsmon/newsmon", description="sent in the User-Agent as (+URL)"
+    )
+    parse_workers: int = Field(2, ge=0, description="parser processes; 0 parses in a thread")
+    seen_retention_days: float = Field(
+        90.0, gt=0, description="forget an article id this long after a feed last listed it"
+    )
 
     # classify
     model_device: Literal["cpu", "cuda"] = "cpu"
-    classify_batch_size: int = Field(32, ge=1, le=1024)
-    classify_batch_wait_s: float = Field(0.05, ge=0)
+    model_backend: Literal["torch", "onnx", "onnx-int8"] = Field(
+        "torch", description="onnx / onnx-int8: exported once, offline, into model_cache_dir"
+    )
+    model_cache_dir: Path = Field(Path(".cache/newsmon-model"), description="ONNX exports")
+    classify_batch_size: int = Field(64, ge=1, le=1024, description="articles per micro-batch")
+    classify_batch_wait_s: float = Field(
+        0.05, ge=0, description="how long a micro-batch waits to fill after its first article"
+    )
+    classify_max_attempts: int = Field(
+        3, ge=1, description="tries of an article that fails before it is dead-lettered"
+    )
+    classify_retry_delay_s: float = Field(0.5, ge=0)
+    classify_recent_articles: int = Field(
+        5000, ge=0, description="classified articles kept, with embeddings, for previews"
+    )
 
     # alerts
-    webhook_timeout_s: float = Field(15.0, gt=0)
+    webhook_timeout_s: float = Field(15.0, gt=0, description="total deadline of one attempt")
     webhook_retry_delays_s: list[float] = Field(
-        default=[5.0, 60.0, 300.0], description="waits before the 2nd, 3rd … attempt"
+        # Svix's schedule: at once, then 5 s, 5 min, 30 min, 2 h, 5 h, 10 h and 10 h.
+        default=[5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0],
+        description="waits before the 2nd, 3rd … attempt; after the last, dead",
     )
-    delivery_concurrency: int = Field(64, ge=1)
+    webhook_retry_jitter: float = Field(0.2, ge=0, le=1, description="± fraction of each wait")
+    webhook_allow_loopback: bool = Field(
+        False, description="admit loopback webhook URLs (local development and tests only)"
+    )
+    webhook_secret_overlap_s: float = Field(
+        24 * 3600.0, ge=0, description="how long the old secret still signs after a rotation"
+    )
+    subscription_disable_after_s: float = Field(
+        5 * 24 * 3600.0, gt=0, description="disable a subscription failing this long"
+    )
+    delivery_concurrency: int = Field(256, ge=1, description="attempts in flight at once")
+    delivery_per_subscription: int = Field(
+        4, ge=1, description="attempts in flight at once to one healthy subscription"
+    )
+    delivery_failing_lane: int = Field(
+        32, ge=1, description="attempts in flight at once to failing subscriptions, together"
+    )
+    smtp_host: str = "localhost"
+    smtp_port: int = Field(25, ge=1, le=65535)
+    smtp_starttls: bool = Field(False, description="upgrade with STARTTLS (port 587)")
+    smtp_tls: bool = Field(False, description="implicit TLS from the start (port 465)")
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_from: str = "newsmon <newsmon@localhost>"
+    smtp_timeout_s: float = Field(30.0, gt=0, description="total deadline of one send")
+    email_retry_delays_s: list[float] = Field(
+        default=[60.0, 300.0, 1800.0, 7200.0, 18000.0],
+        description="waits before each retry after an SMTP 4xx or a lost connection",
+    )
+    digest_hourly_s: float = Field(3600.0, gt=0, description="period of hourly digests")
+    digest_daily_s: float = Field(86400.0, gt=0, description="period of daily digests")
+    public_url: str = Field(
+        "http://127.0.0.1:8000", description="where recipients reach the API (unsubscribe links)"
+    )
 
-    @field_validator("webhook_retry_delays_s")
+    @field_validator("webhook_retry_delays_s", "email_retry_delays_s")
     @classmethod
     def _non_negative(cls, delays: list[float]) -> list[float]:
         if any(d < 0 for d in delays):

@@ -136,9 +136,10 @@ def postgres_url() -> Iterator[str]:
 async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
     """An engine on a fresh SQLite file, and on PostgreSQL with every table dropped."""
     from services.alerts.store import metadata as alerts_metadata
+    from services.classify.store import metadata as classify_metadata
     from services.ingest.store import metadata as ingest_metadata
 
-    metadatas = [ingest_metadata, alerts_metadata]
+    metadatas = [ingest_metadata, alerts_metadata, classify_metadata]
     if request.param == "sqlite":
         eng = open_engine(f"sqlite+aiosqlite:///{tmp_path / 'test.db'}")
     else:
@@ -167,6 +168,15 @@ def embedder() -> Any:
 
 
 # Loopback HTTP servers --------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _webhooks_to_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test webhook receivers listen on loopback, which the SSRF guard refuses by default.
+
+    The guard's own tests construct their Settings with ``webhook_allow_loopback=False``.
+    """
+    monkeypatch.setenv("NEWSMON_WEBHOOK_ALLOW_LOOPBACK", "true")
 
 
 @dataclass
