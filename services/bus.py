@@ -54,6 +54,10 @@ class Consumer(ABC):
     async def commit(self) -> None:
         """Mark everything returned by ``poll`` so far as processed."""
 
+    @abstractmethod
+    def lag(self) -> dict[str, int]:
+        """Messages on the bus not yet returned by ``poll``, per topic (as far as known)."""
+
 
 class Bus(ABC):
     @abstractmethod
@@ -193,3 +197,6 @@ class MemoryConsumer(Consumer):
 
     async def commit(self) -> None:
         self._group.committed.update(self._position)
+
+    def lag(self) -> dict[str, int]:
+        return {t: len(self._bus._logs.get(t, [])) - p for t, p in self._position.items()}

@@ -11,7 +11,7 @@ import logging
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -128,11 +128,15 @@ class KafkaBus(Bus):
 class KafkaConsumer(Consumer):
     def __init__(self, consumer: AIOKafkaConsumer) -> None:
         self._consumer = consumer
+        self._next: dict[TopicPartition, int] = {}  # offset after the last record returned
 
     async def poll(self, max_records: int, timeout: float) -> list[Message]:
         batches = await self._consumer.getmany(
             timeout_ms=int(timeout * 1000), max_records=max_records
         )
+        for tp, records in batches.items():
+            if records:
+                self._next[tp] = records[-1].offset + 1
         return [
             Message(
                 topic=record.topic,
@@ -151,3 +155,12 @@ class KafkaConsumer(Consumer):
             await self._consumer.commit()
         except KafkaError as exc:
             raise BusError(f"commit failed: {exc!r}") from exc
+
+    def lag(self) -> dict[str, int]:
+        # Partitions this member has not read from yet have no known position: left out.
+        totals: dict[str, int] = {}
+        for tp in self._consumer.assignment():
+            highwater = self._consumer.highwater(tp)
+            if highwater is not None and tp in self._next:
+                totals[tp.topic] = totals.get(tp.topic, 0) + max(0, highwater - self._next[tp])
+        return totals

@@ -99,3 +99,18 @@ async def test_kafka_publish_to_a_dead_broker_fails_within_bounded_time() -> Non
     with pytest.raises(BusError, match="cannot reach Kafka"):
         await bus.start()
     assert time.monotonic() - started < 60
+
+
+async def test_lag_counts_what_is_published_but_not_yet_returned(bus: Bus) -> None:
+    for i in range(3):  # one key, one partition; separate sends keep Tansu's end offsets exact
+        await bus.publish("contract", f"l{i}".encode(), key="same")
+    got: list[Message] = []
+    deadline = time.monotonic() + 30
+    async with bus.consumer(["contract"], "lag") as consumer:
+        while not got and time.monotonic() < deadline:
+            got = await consumer.poll(1, timeout=0.5)
+        assert len(got) == 1
+        assert consumer.lag() == {"contract": 2}
+        while len(got) < 3 and time.monotonic() < deadline:
+            got += await consumer.poll(10, timeout=0.5)
+        assert consumer.lag() == {"contract": 0}
