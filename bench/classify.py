@@ -39,6 +39,7 @@ from services.classify.service import GROUP, ClassifyService  # noqa: E402
 from services.classify.topics import load_topics  # noqa: E402
 from services.db import open_engine  # noqa: E402
 from services.events import ARTICLES_FETCHED, Article, ArticleFetched  # noqa: E402
+from services.migrate import migrate  # noqa: E402
 from services.settings import Settings  # noqa: E402
 
 STREAM = REPO.parent / "shared" / "corpus" / "stream-2022.jsonl"
@@ -83,8 +84,7 @@ async def time_service(embedder: SentenceTransformerEmbedder, articles: list[Art
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(database_url=f"sqlite+aiosqlite:///{tmp}/bench.db")
         engine = open_engine(settings.database_url)
-        async with engine.begin() as conn:
-            await conn.run_sync(ClassifyService.metadata.create_all)
+        await migrate(engine)
         bus = MemoryBus()
         service = ClassifyService(settings, bus, engine, embedder, load_topics(TOPICS))
         await service.start()

@@ -31,7 +31,7 @@ from services.alerts.service import AlertsService  # noqa: E402
 from services.alerts.store import attempts, deliveries  # noqa: E402
 from services.alerts.subscriptions import Subscription  # noqa: E402
 from services.bus import MemoryBus, Message  # noqa: E402
-from services.db import create_tables, open_engine  # noqa: E402
+from services.db import open_engine  # noqa: E402
 from services.events import (  # noqa: E402
     ARTICLES_MATCHED,
     Article,
@@ -40,6 +40,7 @@ from services.events import (  # noqa: E402
     TopicScore,
     utcnow,
 )
+from services.migrate import migrate  # noqa: E402
 from services.settings import Settings  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "delivery.json"
@@ -120,7 +121,7 @@ async def scenario(
         webhook_timeout_s=5.0,
         webhook_retry_delays_s=[2.0, 600.0],
     )
-    await create_tables(engine, [AlertsService.metadata])
+    await migrate(engine)
     service = AlertsService(settings, MemoryBus(), engine, subs)
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))

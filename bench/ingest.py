@@ -20,11 +20,11 @@ from typing import Any
 import feedparser
 
 from services.bus import MemoryBus
-from services.db import create_tables, open_engine
+from services.db import open_engine
 from services.ingest.feeds import FeedCreate
 from services.ingest.parser import parse_feed
 from services.ingest.service import IngestService
-from services.ingest.store import metadata
+from services.migrate import migrate
 from services.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,7 +92,7 @@ async def poll_thousand(tmp: Path) -> dict[str, float]:
     server.start()
     ready.wait(30)
     engine = open_engine(f"sqlite+aiosqlite:///{tmp / 'bench.db'}")
-    await create_tables(engine, [metadata])
+    await migrate(engine)
     settings = Settings(parse_workers=2, fetch_per_host=2, fetch_concurrency=32)
     service = IngestService(settings, MemoryBus(), engine, [])
     figures: dict[str, float] = {}

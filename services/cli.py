@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("input", type=Path, help="JSONL: id, title, summary, content (optional)")
     score.add_argument("-o", "--output", type=Path, help="JSONL of scores (default: stdout)")
     score.add_argument("--topics", type=Path, help="a topics TOML file instead of the store's")
+    commands.add_parser("migrate", help="bring the database schema to the newest revision")
     for sub in commands.choices.values():
         sub.add_argument("--host", help="HTTP API address (NEWSMON_HTTP_HOST)")
         sub.add_argument("--port", type=int, help="HTTP API port (NEWSMON_HTTP_PORT)")
@@ -57,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         from services.classify.batch import run as score_file
 
         return score_file(settings, args.input, args.output, args.topics)
+    if args.command == "migrate":
+        from services.migrate import migrate_url
+
+        asyncio.run(migrate_url(settings.database_url))
+        return 0
     roles: tuple[str, ...]
     if args.command == "run":
         roles = ("ingest", "classify", "alerts")

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import MetaData, event
+from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.sql.dml import Insert
@@ -27,12 +26,6 @@ def open_engine(url: str) -> AsyncEngine:
 
         return engine
     return create_async_engine(url, pool_pre_ping=True)
-
-
-async def create_tables(engine: AsyncEngine, metadata: Iterable[MetaData]) -> None:
-    async with engine.begin() as conn:
-        for md in metadata:
-            await conn.run_sync(md.create_all)
 
 
 def insert_ignoring_duplicates(engine: AsyncEngine, table: Table) -> Insert:

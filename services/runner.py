@@ -15,12 +15,12 @@ from typing import Any, Protocol
 
 import uvicorn
 from fastapi import APIRouter
-from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.api import build_app
 from services.bus import Bus, open_bus
-from services.db import create_tables, open_engine
+from services.db import open_engine
+from services.migrate import migrate
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,6 @@ ROLES = ("ingest", "classify", "alerts")
 class Service(Protocol):
     @property
     def name(self) -> str: ...
-    @property
-    def metadata(self) -> MetaData | None: ...
     @property
     def router(self) -> APIRouter: ...
 
@@ -99,7 +97,7 @@ async def serve(
     try:
         services = await asyncio.to_thread(build_services, settings, bus, engine, roles)
         await bus.start()
-        await create_tables(engine, [s.metadata for s in services if s.metadata is not None])
+        await migrate(engine)
 
         async def readiness() -> dict[str, bool]:
             return {"bus": await bus.ready()}

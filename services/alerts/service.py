@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from email.utils import parseaddr
 
 import httpx
-from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.alerts import mail, store
@@ -147,7 +146,6 @@ class _Flight:
 
 class AlertsService:
     name = "alerts"
-    metadata: MetaData = store.metadata
 
     def __init__(
         self,

@@ -54,7 +54,6 @@ _DERIVED = uuid.UUID("6f1c3b0e-8a52-4d0c-9d7e-2b1f4f6a9c10")
 
 class ClassifyService:
     name = "classify"
-    metadata = store.metadata
 
     def __init__(
         self,

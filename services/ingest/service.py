@@ -19,12 +19,10 @@ from typing import Annotated, Any
 
 import httpx
 from fastapi import APIRouter, HTTPException, Query, Response, status
-from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.bus import Bus
 from services.events import ARTICLES_FETCHED, Article, ArticleFetched, utcnow
-from services.ingest import store
 from services.ingest.feeds import FeedCreate, FeedPublic, FeedSpec, FeedState, FeedUpdate
 from services.ingest.fetcher import Fetched, FetchError, HostLimiter, fetch, new_client, user_agent
 from services.ingest.parser import FeedError, ParsedFeed, parse_feed
@@ -45,7 +43,6 @@ PUBLISH_CONCURRENCY = 256
 
 class IngestService:
     name = "ingest"
-    metadata: MetaData = store.metadata
 
     def __init__(
         self,

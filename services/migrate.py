@@ -1,0 +1,63 @@
+"""Schema migrations: bring the database to the newest revision, safely from several processes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import MetaData, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.db import open_engine
+
+log = logging.getLogger(__name__)
+
+# Any constant shared by all newsmon processes: the key of the PostgreSQL advisory lock.
+_LOCK_KEY = 0x6E65_7773_6D6F_6E  # "newsmon"
+
+
+def target_metadata() -> list[MetaData]:
+    """Every service's tables. Like the runner, this module sees all three services."""
+    from services.alerts.store import metadata as alerts
+    from services.classify.store import metadata as classify
+    from services.ingest.store import metadata as ingest
+
+    return [ingest, classify, alerts]
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    config.attributes["connection"] = connection
+    return config
+
+
+async def migrate(engine: AsyncEngine) -> None:
+    """Upgrade to the newest revision; a no-op when the schema is current."""
+    async with engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            await conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _LOCK_KEY})
+        try:
+            await conn.run_sync(_upgrade)
+            await conn.commit()
+        finally:
+            if conn.dialect.name == "postgresql":
+                await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
+                await conn.commit()
+
+
+async def migrate_url(url: str) -> None:
+    """``newsmon migrate``: migrate the database at ``url``."""
+    engine = open_engine(url)
+    try:
+        await migrate(engine)
+    finally:
+        await engine.dispose()
+    log.info("database %s is at the newest schema revision", engine.url.render_as_string())
+
+
+def _upgrade(connection: Connection) -> None:
+    command.upgrade(alembic_config(connection), "head")
