@@ -17,6 +17,7 @@ COPY seeds ./seeds
 
 RUN useradd --system --home /app newsmon && mkdir -p /data && chown newsmon /data
 USER newsmon
+# Beyond loopback the API needs NEWSMON_API_KEYS; the settings refuse to start without them.
 ENV NEWSMON_DATABASE_URL=sqlite+aiosqlite:////data/newsmon.db \
     NEWSMON_HTTP_HOST=0.0.0.0
 EXPOSE 8000

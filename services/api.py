@@ -11,8 +11,10 @@ import math
 from collections.abc import Awaitable, Callable, Sequence
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response, status
+from fastapi.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services import metrics
 from services.access import ApiKey, RateLimiter, authorize
 from services.settings import Settings
 
@@ -37,9 +39,15 @@ def build_app(
         """The process is alive."""
         return {"status": "ok"}
 
+    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
+    async def prometheus_metrics() -> Response:
+        """Prometheus metrics of the services in this process."""
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
     @app.get("/readyz", tags=["health"])
     async def readyz(response: Response) -> dict[str, object]:
-        """Whether the bus and the services in this process can take work."""
+        """Whether the bus, the database and each service in this process can take work."""
         checks = await readiness()
         ready = all(checks.values())
         if not ready:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.sql.dml import Insert
 from sqlalchemy.sql.schema import Table
@@ -36,3 +38,13 @@ def insert_ignoring_duplicates(engine: AsyncEngine, table: Table) -> Insert:
     if dialect == "postgresql":
         return postgresql.insert(table).on_conflict_do_nothing()
     raise ValueError(f"unsupported database dialect {dialect!r}")
+
+
+async def database_ready(engine: AsyncEngine) -> bool:
+    """Whether the database answers a trivial query within two seconds."""
+    try:
+        async with asyncio.timeout(2), engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+    except (TimeoutError, OSError, SQLAlchemyError):
+        return False
+    return True

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.api import build_app
 from services.bus import Bus, open_bus
-from services.db import open_engine
+from services.db import database_ready, open_engine
 from services.migrate import migrate
 from services.settings import Settings
 
@@ -33,6 +33,10 @@ class Service(Protocol):
     def name(self) -> str: ...
     @property
     def router(self) -> APIRouter: ...
+
+    def ready(self) -> bool:
+        """Started and able to take work (classify: the model is loaded)."""
+        ...
 
     async def run(self, stop: asyncio.Event) -> None: ...
 
@@ -100,7 +104,11 @@ async def serve(
         await migrate(engine)
 
         async def readiness() -> dict[str, bool]:
-            return {"bus": await bus.ready()}
+            return {
+                "bus": await bus.ready(),
+                "database": await database_ready(engine),
+                **{service.name: service.ready() for service in services},
+            }
 
         # A service may also have routes that people reach without an API key (email links).
         public = [r for s in services if (r := getattr(s, "public_router", None)) is not None]

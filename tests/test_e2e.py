@@ -76,6 +76,22 @@ def verify_standard_webhook(request: Received) -> dict[str, object]:
     return body
 
 
+def parse_metrics(exposition: str) -> dict[str, float]:
+    """Prometheus text format to ``{"name{labels}": value}``."""
+    values = {}
+    for line in exposition.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def metric_values() -> dict[str, float]:
+    from services.metrics import exposition
+
+    return parse_metrics(exposition()[0].decode())
+
+
 def write_seeds(tmp_path: Path, server: LoopbackServer, secret: str | None) -> dict[str, str]:
     """Seeds files for a test run; returns them as NEWSMON_* settings."""
     (tmp_path / "feeds.toml").write_text(f'[[feeds]]\nurl = "{server.url("/feed.xml")}"\n')
@@ -130,11 +146,18 @@ async def test_memory_bus_end_to_end(tmp_path: Path, http_server: LoopbackServer
         http_port=port,
     )  # fmt: skip
     stop = asyncio.Event()
+    before = metric_values()
     running = asyncio.create_task(serve(settings, ROLES, stop))
     try:
         await wait_for_webhooks(http_server, len(SEED_TOPICS), timeout=60)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as api:
             assert (await api.get("/healthz")).json() == {"status": "ok"}
+            ready = (await api.get("/readyz")).json()
+            assert ready == {
+                "ready": True,
+                "checks": dict.fromkeys(["bus", "database", *ROLES], True),
+            }
+            after = parse_metrics((await api.get("/metrics")).text)
             topics = (await api.get("/topics")).json()
             assert {t["slug"] for t in topics} == SEED_TOPICS
             feeds = (await api.get("/feeds")).json()
@@ -142,6 +165,16 @@ async def test_memory_bus_end_to_end(tmp_path: Path, http_server: LoopbackServer
     finally:
         stop.set()
         await asyncio.wait_for(running, 30)
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta("newsmon_articles_classified_total") == len(UNRELATED) + 1
+    for topic in SEED_TOPICS:
+        assert delta(f'newsmon_articles_matched_total{{topic="{topic}"}}') == 1
+    assert delta('newsmon_deliveries_total{channel="webhook",outcome="delivered"}') == 4
+    assert delta('newsmon_end_to_end_seconds_count{channel="webhook"}') == 4
+    assert delta('newsmon_feed_polls_total{outcome="ok"}') == 1
     latency = check_alerts(http_server)
     print(f"\nmemory bus: feed fetched -> last of 4 webhooks received in {latency:.3f} s")
 

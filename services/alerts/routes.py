@@ -262,7 +262,7 @@ def build_router(service: AlertsService) -> APIRouter:
         since: Annotated[datetime | None, Query(description="created at or after")] = None,
         until: Annotated[datetime | None, Query(description="created before")] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
     ) -> list[DeliveryPublic]:
         """Deliveries, newest first, filtered by subscription, status and creation time."""
         where = DeliveryFilter(subscription_id, status_, _utc(since), _utc(until))
@@ -331,7 +331,8 @@ def build_public_router(service: AlertsService) -> APIRouter:
 
     async def _by_token(sub_id: str, token: str) -> Subscription:
         sub = await store.subscription(sub_id)
-        if sub is None or not hmac.compare_digest(sub.unsubscribe_token, token):
+        # Bytes: compare_digest refuses str with non-ASCII characters, and a link may carry any.
+        if sub is None or not hmac.compare_digest(sub.unsubscribe_token.encode(), token.encode()):
             raise HTTPException(status.HTTP_404_NOT_FOUND, "unknown unsubscribe link")
         return sub
 

@@ -20,11 +20,13 @@ import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from email.utils import parseaddr
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services import metrics
 from services.alerts import mail, store
 from services.alerts.policy import DEAD, Outcome, decide, next_digest_at, webhook_outcome
 from services.alerts.routes import build_public_router, build_router
@@ -42,6 +44,7 @@ from services.events import (
     TopicScore,
     utcnow,
 )
+from services.logs import log_context
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -81,10 +84,24 @@ def build_payload(
                 "summary": article.summary,
                 "published": article.published.isoformat() if article.published else None,
                 "feed": {"url": article.feed_url, "title": article.feed_title},
+                "fetched_at": event.fetched_at.isoformat(),
             },
         },
     }
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _count(channel: str, status: str, delivered: bool, rows: list[Delivery]) -> None:
+    """Metrics of one attempt: its outcome, and for a delivery, the time since the fetch."""
+    outcome = "delivered" if delivered else ("dead" if status == DEAD else "retry")
+    metrics.DELIVERIES.labels(channel, outcome).inc(len(rows))
+    if delivered:
+        now = utcnow()
+        for row in rows:
+            fetched_at = json.loads(row.payload)["data"]["article"].get("fetched_at")
+            if fetched_at:
+                age = (now - datetime.fromisoformat(fetched_at)).total_seconds()
+                metrics.END_TO_END.labels(channel).observe(age)
 
 
 def test_event() -> tuple[ArticleMatched, TopicScore]:
@@ -206,6 +223,9 @@ class AlertsService:
                     log.info("alerts: %d subscription(s) added from the seeds file", added)
                 self._seeded = True
 
+    def ready(self) -> bool:
+        return self._seeded
+
     def wake(self) -> None:
         """Tell the dispatcher that deliveries may be due now."""
         self._wake.set()
@@ -222,6 +242,7 @@ class AlertsService:
         async with self._bus.consumer([ARTICLES_MATCHED], GROUP) as consumer:
             while not stop.is_set():
                 batch = await consumer.poll(100, timeout=0.5)
+                metrics.record_lag(GROUP, consumer.lag())
                 if batch:
                     await self.handle_batch(batch)
                     await consumer.commit()
@@ -345,7 +366,9 @@ class AlertsService:
                 return
 
     def _start(self, sub: Subscription, rows: list[Delivery], failing: bool) -> None:
-        task = asyncio.create_task(self._attempt(sub, rows), name=f"deliver {rows[0].id}")
+        # The task copies the context: every line it logs names its delivery.
+        with log_context(delivery_id=rows[0].id, subscription=sub.id):
+            task = asyncio.create_task(self._attempt(sub, rows), name=f"deliver {rows[0].id}")
         self._in_flight[task] = _Flight(sub.id, failing, tuple(r.id for r in rows))
         task.add_done_callback(self._forget)
 
@@ -395,6 +418,7 @@ class AlertsService:
             disable_after_s=self.settings.subscription_disable_after_s,
             now=utcnow(),
         )
+        _count(sub.channel, decision.status, outcome.error is None, rows)
         where = f"delivery {rows[0].id}" + (f" (+{len(rows) - 1})" if len(rows) > 1 else "")
         target = sub.url or sub.email or sub.channel
         if outcome.error is not None:

@@ -237,7 +237,7 @@ def build_router(service: ClassifyService) -> APIRouter:
         since: datetime | None = None,
         until: datetime | None = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
     ) -> MatchPage:
         """Past matches, newest first; ``since`` inclusive, ``until`` exclusive."""
         page = await store.list_matches(

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services import metrics
 from services.bus import Bus, Consumer, Message
 from services.classify import store
 from services.classify.api import build_router
@@ -84,6 +85,10 @@ class ClassifyService:
         """The current topics, embedded; replaced whole on every reload."""
         return self._indexes
 
+    def ready(self) -> bool:
+        """The model is loaded and the topics are embedded."""
+        return self._started
+
     async def start(self) -> None:
         """Seed the store on its first start, then load and embed the topics (once).
 
@@ -125,6 +130,7 @@ class ClassifyService:
             log.info("classify consuming %s", ARTICLES_FETCHED)
             while not stop.is_set():
                 batch = await self._next_batch(consumer)
+                metrics.record_lag(GROUP, consumer.lag())
                 if batch:
                     await self.handle_batch(batch)
                     await consumer.commit()
@@ -154,6 +160,12 @@ class ClassifyService:
 
     async def handle_batch(self, messages: list[Message]) -> None:
         """Classify a batch; whatever cannot be processed is dead-lettered, never lost."""
+        # Which member of the group works on which partitions, visible in each process's log.
+        log.info(
+            "classifying %d article(s) from %s",
+            len(messages),
+            ", ".join(sorted({f"{m.topic}[{m.partition}]" for m in messages})),
+        )
         events: list[tuple[Message, ArticleFetched]] = []
         for message in messages:
             try:
@@ -172,6 +184,7 @@ class ClassifyService:
                 await self._dead_letter(message, f"classification failed: {result!r}", attempts)
                 continue
             scores = score_embedded(result, indexes)
+            metrics.ARTICLES_CLASSIFIED.inc()
             if not scores:
                 log.warning(
                     "article %s at %s has no text to score (empty or whitespace title and body)",
@@ -194,6 +207,8 @@ class ClassifyService:
                     headers={"type": matched.type},
                 )
                 matched_id = matched.event_id
+                for score in matched.matches:
+                    metrics.ARTICLES_MATCHED.labels(score.topic).inc()
             classified.append(store.Classified(event.article, result, matched_id, scores))
         if classified:
             await store.record(self.engine, classified, self.settings.classify_recent_articles)

@@ -18,9 +18,10 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 import httpx
-from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services import metrics
 from services.bus import Bus
 from services.events import ARTICLES_FETCHED, Article, ArticleFetched, utcnow
 from services.ingest.feeds import FeedCreate, FeedPublic, FeedSpec, FeedState, FeedUpdate
@@ -28,7 +29,11 @@ from services.ingest.fetcher import Fetched, FetchError, HostLimiter, fetch, new
 from services.ingest.parser import FeedError, ParsedFeed, parse_feed
 from services.ingest.schedule import next_poll_delay, parse_retry_after
 from services.ingest.store import DuplicateFeed, FeedRecord, IngestStore, PollRecord
+from services.logs import log_context
 from services.settings import Settings
+
+# Feed ids are database integers: anything larger is no feed (and would overflow the driver).
+FeedId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +160,13 @@ class IngestService:
         await asyncio.shield(task)  # a client that hangs up does not cancel the poll
         return await self._store.get_feed(feed_id)
 
+    def ready(self) -> bool:
+        return self._started
+
     def _spawn(self, record: FeedRecord) -> asyncio.Task[None]:
-        task = asyncio.create_task(self._poll(record), name=f"poll {record.url}")
+        # The task copies the context: every line it logs names its feed.
+        with log_context(feed=record.url):
+            task = asyncio.create_task(self._poll(record), name=f"poll {record.url}")
         self._polls[record.id] = task
         task.add_done_callback(self._poll_done(record.id))
         return task
@@ -195,6 +205,8 @@ class IngestService:
             return utcnow() + timedelta(seconds=delay)
 
         async def failed(message: str, status: int | None, retry_after: str | None = None) -> None:
+            metrics.FEED_POLLS.labels("error").inc()
+            metrics.FEED_ERRORS.labels(url).inc()
             failures = record.consecutive_failures + 1
             retry_after_s = parse_retry_after(retry_after, utcnow())
             when = next_poll(failures, retry_after_s)
@@ -224,6 +236,7 @@ class IngestService:
                     last_modified=record.last_modified,
                 )
             if fetched.not_modified:
+                metrics.FEED_POLLS.labels("not_modified").inc()
                 await self._store.record_poll(
                     record.id,
                     PollRecord(
@@ -252,6 +265,8 @@ class IngestService:
         if parsed.warning:
             log.info("feed %s parsed with a warning: %s", url, parsed.warning)
         new_items = await self._publish_new(url, parsed.articles)
+        metrics.FEED_POLLS.labels("ok").inc()
+        metrics.ARTICLES_FETCHED.labels(url).inc(new_items)
         await self._store.record_poll(
             record.id,
             PollRecord(
@@ -421,12 +436,12 @@ class IngestService:
             return created
 
         @router.get("/{feed_id}")
-        async def get_feed(feed_id: int) -> FeedPublic:
+        async def get_feed(feed_id: FeedId) -> FeedPublic:
             """One feed with its health, schedule and counters."""
             return self.public(await found(feed_id))
 
         @router.patch("/{feed_id}")
-        async def update_feed(feed_id: int, update: FeedUpdate) -> FeedPublic:
+        async def update_feed(feed_id: FeedId, update: FeedUpdate) -> FeedPublic:
             """Change a feed's URL, title, interval, tags or paused flag."""
             await found(feed_id)
             try:
@@ -436,13 +451,13 @@ class IngestService:
             return self.public(record or await found(feed_id))
 
         @router.delete("/{feed_id}", status_code=status.HTTP_204_NO_CONTENT)
-        async def delete_feed(feed_id: int) -> None:
+        async def delete_feed(feed_id: FeedId) -> None:
             """Stop polling a feed and forget it (articles it published stay seen)."""
             if not await self._store.delete_feed(feed_id):
                 raise HTTPException(status.HTTP_404_NOT_FOUND, f"no feed with id {feed_id}")
 
         @router.post("/{feed_id}/pause")
-        async def pause_feed(feed_id: int) -> FeedPublic:
+        async def pause_feed(feed_id: FeedId) -> FeedPublic:
             """Stop polling a feed until it is resumed."""
             await found(feed_id)
             return self.public(
@@ -450,7 +465,7 @@ class IngestService:
             )
 
         @router.post("/{feed_id}/resume")
-        async def resume_feed(feed_id: int) -> FeedPublic:
+        async def resume_feed(feed_id: FeedId) -> FeedPublic:
             """Poll a paused feed again, starting now."""
             await found(feed_id)
             return self.public(
@@ -458,7 +473,7 @@ class IngestService:
             )
 
         @router.post("/{feed_id}/poll")
-        async def poll_feed(feed_id: int) -> FeedPublic:
+        async def poll_feed(feed_id: FeedId) -> FeedPublic:
             """Poll a feed now, paused or not, and return it with the outcome."""
             await found(feed_id)
             return self.public(await found_after(self.poll_now(feed_id)))
