@@ -10,14 +10,13 @@ import pytest
 from services.alerts.policy import (
     DEAD,
     DELIVERED,
-    MAX_RETRY_AFTER_S,
     PENDING,
     Outcome,
     decide,
     next_digest_at,
-    parse_retry_after,
     webhook_outcome,
 )
+from services.retry_after import RETRY_AFTER_MAX_S, parse_retry_after
 
 NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 SVIX = [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]
@@ -82,7 +81,7 @@ def test_retry_after_seconds_or_date_is_waited_at_least(status: int) -> None:
 @pytest.mark.parametrize(
     ("value", "seconds"),
     [("0", 0.0), ("30", 30.0), ("Wed, 01 May 2024 11:00:00 GMT", 0.0), ("soon", None),
-     ("", None), (None, None), ("99999999", MAX_RETRY_AFTER_S)],
+     ("", None), (None, None), ("99999999", RETRY_AFTER_MAX_S)],
 )  # fmt: skip
 def test_parse_retry_after(value: str | None, seconds: float | None) -> None:
     assert parse_retry_after(value, NOW) == seconds

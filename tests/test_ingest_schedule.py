@@ -12,11 +12,10 @@ from services.ingest.feeds import FeedCreate, normalise_feed_url
 from services.ingest.fetcher import user_agent
 from services.ingest.schedule import (
     JITTER,
-    RETRY_AFTER_MAX_S,
     backoff_delay,
     next_poll_delay,
-    parse_retry_after,
 )
+from services.retry_after import RETRY_AFTER_MAX_S, parse_retry_after
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 

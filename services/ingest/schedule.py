@@ -6,34 +6,10 @@ Pure functions over plain values; the service applies them.
 from __future__ import annotations
 
 import random
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 
 # Polls spread over ±10% of the delay, so feeds added together do not stay in lockstep.
 JITTER = 0.1
-# A Retry-After beyond a day is honoured as a day: a hostile or broken date far in the future
-# must not silence a feed for good.
-RETRY_AFTER_MAX_S = 86_400.0
 _rng = random.Random()  # noqa: S311
-
-
-def parse_retry_after(value: str | None, now: datetime) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date), or ``None``.
-
-    A date in the past means "now" (0); anything unreadable is ignored.
-    """
-    if value is None or not value.strip():
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return min(float(value), RETRY_AFTER_MAX_S)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:  # an HTTP date is GMT even when it does not say so
-        when = when.replace(tzinfo=UTC)
-    return min(max(0.0, (when - now).total_seconds()), RETRY_AFTER_MAX_S)
 
 
 def backoff_delay(interval_s: float, failures: int, max_s: float) -> float:

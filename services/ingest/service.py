@@ -27,9 +27,10 @@ from services.events import ARTICLES_FETCHED, Article, ArticleFetched, utcnow
 from services.ingest.feeds import FeedCreate, FeedPublic, FeedSpec, FeedState, FeedUpdate
 from services.ingest.fetcher import Fetched, FetchError, HostLimiter, fetch, new_client, user_agent
 from services.ingest.parser import FeedError, ParsedFeed, parse_feed
-from services.ingest.schedule import next_poll_delay, parse_retry_after
+from services.ingest.schedule import next_poll_delay
 from services.ingest.store import DuplicateFeed, FeedRecord, IngestStore, PollRecord
 from services.logs import log_context
+from services.retry_after import parse_retry_after
 from services.settings import Settings
 
 # Feed ids are database integers: anything larger is no feed (and would overflow the driver).
