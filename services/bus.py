@@ -3,8 +3,9 @@
 One interface, two backends picked by URL (as encode/broadcaster does):
 
 - ``memory://`` — in-process, the default for ``newsmon run``;
-- ``kafka://host:port[,host:port…][?partitions=N]`` — Apache Kafka (or any Kafka-protocol broker)
-  through aiokafka.
+- ``kafka://host:port[,host:port…][?partitions=N&publish_timeout_s=S]`` — Apache Kafka (or any
+  Kafka-protocol broker) through aiokafka; ``partitions`` for the topics it creates (3),
+  ``publish_timeout_s`` for how long a publish may wait for the broker before it fails (15).
 
 Both give the same guarantees: messages are delivered at least once; a consumer that stops without
 committing has its uncommitted messages delivered again to the next member of its group.
@@ -52,7 +53,11 @@ class Consumer(ABC):
 
     @abstractmethod
     async def commit(self) -> None:
-        """Mark everything returned by ``poll`` so far as processed."""
+        """Mark everything returned by ``poll`` so far as processed.
+
+        Best effort on Kafka: a commit the broker refuses or does not answer in time is logged
+        and given up, and its records come again (consumers are idempotent by event id).
+        """
 
     @abstractmethod
     def lag(self) -> dict[str, int]:
@@ -99,10 +104,20 @@ def open_bus(url: str, *, client_id: str = "newsmon") -> Bus:
     if parts.scheme == "kafka":
         if not parts.netloc:
             raise BusError(f"bus URL {url!r} names no broker (expected kafka://host:port)")
-        from services.kafka import KafkaBus
+        from services.kafka import PUBLISH_TIMEOUT_S, KafkaBus
 
+        try:
+            partitions = int(options.get("partitions", "3"))
+            publish_timeout_s = float(options.get("publish_timeout_s", PUBLISH_TIMEOUT_S))
+        except ValueError as exc:
+            raise BusError(f"bus URL {url!r}: {exc}") from None
+        if partitions < 1 or not publish_timeout_s > 0:
+            raise BusError(f"bus URL {url!r}: partitions and publish_timeout_s must be positive")
         return KafkaBus(
-            parts.netloc, client_id=client_id, partitions=int(options.get("partitions", "3"))
+            parts.netloc,
+            client_id=client_id,
+            partitions=partitions,
+            publish_timeout_s=publish_timeout_s,
         )
     raise BusError(f"unsupported bus URL {url!r}: use memory:// or kafka://host:port")
 

@@ -19,15 +19,24 @@ from services.bus import Bus, BusError, Consumer, Message
 
 log = logging.getLogger(__name__)
 
-# How long a publish may wait for the broker before it fails, rather than hanging.
+# How long a publish may wait for the broker before it fails, rather than hanging (the default of
+# the bus URL's ``publish_timeout_s`` option).
 PUBLISH_TIMEOUT_S = 15.0
 
 
 class KafkaBus(Bus):
-    def __init__(self, bootstrap_servers: str, *, client_id: str, partitions: int = 3) -> None:
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        *,
+        client_id: str,
+        partitions: int = 3,
+        publish_timeout_s: float = PUBLISH_TIMEOUT_S,
+    ) -> None:
         self._bootstrap = bootstrap_servers
         self._client_id = client_id
         self._partitions = partitions
+        self._publish_timeout_s = publish_timeout_s
         self._producer: AIOKafkaProducer | None = None
 
     async def start(self) -> None:
@@ -38,7 +47,7 @@ class KafkaBus(Bus):
             # Tansu does not implement InitProducerId; consumers are idempotent by event id instead.
             enable_idempotence=False,
             linger_ms=5,
-            request_timeout_ms=int(PUBLISH_TIMEOUT_S * 1000),
+            request_timeout_ms=int(self._publish_timeout_s * 1000),
         )
         try:
             await producer.start()
@@ -79,7 +88,7 @@ class KafkaBus(Bus):
         if self._producer is None:
             raise BusError("bus not started")
         try:
-            async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+            async with asyncio.timeout(self._publish_timeout_s):
                 await self._producer.send_and_wait(
                     topic,
                     value,
@@ -109,7 +118,7 @@ class KafkaBus(Bus):
             await consumer.stop()
             raise BusError(f"cannot join group {group!r} on {self._bootstrap}: {exc}") from exc
         try:
-            yield KafkaConsumer(consumer)
+            yield KafkaConsumer(consumer, self._publish_timeout_s)
         finally:
             await consumer.stop()
 
@@ -126,8 +135,9 @@ class KafkaBus(Bus):
 
 
 class KafkaConsumer(Consumer):
-    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+    def __init__(self, consumer: AIOKafkaConsumer, commit_timeout_s: float) -> None:
         self._consumer = consumer
+        self._commit_timeout_s = commit_timeout_s
         self._next: dict[TopicPartition, int] = {}  # offset after the last record returned
 
     async def poll(self, max_records: int, timeout: float) -> list[Message]:
@@ -151,10 +161,20 @@ class KafkaConsumer(Consumer):
         ]
 
     async def commit(self) -> None:
+        # aiokafka retries a failing commit without end (against a broker that restarted
+        # empty it answers UnknownTopicOrPartition for ever), which would stall this member
+        # and keep it from rejoining. A commit that fails or times out is given up: the
+        # records come again to whichever member owns the partition next, and consumers are
+        # idempotent by event id.
         try:
-            await self._consumer.commit()
-        except KafkaError as exc:
-            raise BusError(f"commit failed: {exc!r}") from exc
+            async with asyncio.timeout(self._commit_timeout_s):
+                await self._consumer.commit()
+        except (KafkaError, TimeoutError) as exc:
+            log.warning(
+                "commit of %s failed, its records will be delivered again: %r",
+                ", ".join(f"{tp.topic}[{tp.partition}]@{o}" for tp, o in self._next.items()),
+                exc,
+            )
 
     def lag(self) -> dict[str, int]:
         # Partitions this member has not read from yet have no known position: left out.

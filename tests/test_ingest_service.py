@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from services.bus import MemoryBus, Message
+from services.bus import BusError, MemoryBus, Message
 from services.events import ARTICLES_FETCHED, ArticleFetched
 from services.ingest.feeds import FeedCreate, FeedPublic, FeedSpec
 from services.ingest.service import IngestService
@@ -334,3 +334,36 @@ async def test_a_gzip_body_is_capped_on_its_decompressed_size(
     status, messages = await _poll_single(engine, http_server.url("/small"))
     assert status.last_error is None
     assert [ArticleFetched.decode(m.value).article.title for m in messages] == ["Story z1"]
+
+
+class FlakyBus(MemoryBus):
+    """The memory bus with an outage switch: our own boundary, faked."""
+
+    down = False
+
+    async def publish(self, topic: str, value: bytes, **kw: Any) -> None:
+        if self.down:
+            raise BusError("broker unreachable")
+        await super().publish(topic, value, **kw)
+
+
+async def test_a_bus_outage_fails_the_poll_not_the_service_and_loses_nothing(
+    engine: Any, http_server: LoopbackServer
+) -> None:
+    http_server.routes["/feed.xml"] = Reply(200, rss("a", "b"), RSS_HEADERS)
+    url = http_server.url("/feed.xml")
+    bus = FlakyBus()
+    bus.down = True
+    async with ingest(engine, bus, [url]) as service:
+        await service.poll_once()
+        status = await status_of(service, url)
+        assert status.last_error is not None and "bus unavailable" in status.last_error
+        assert await drain(bus) == []
+        bus.down = False
+        await service.poll_once()  # the broker is back: what was not published goes out now
+        published = await drain(bus)
+        assert sorted(ArticleFetched.decode(m.value).article.title for m in published) == [
+            "Story a",
+            "Story b",
+        ]
+        assert (await status_of(service, url)).last_error is None

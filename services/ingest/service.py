@@ -22,7 +22,7 @@ from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services import metrics
-from services.bus import Bus
+from services.bus import Bus, BusError
 from services.events import ARTICLES_FETCHED, Article, ArticleFetched, utcnow
 from services.ingest.feeds import FeedCreate, FeedPublic, FeedSpec, FeedState, FeedUpdate
 from services.ingest.fetcher import Fetched, FetchError, HostLimiter, fetch, new_client, user_agent
@@ -265,7 +265,12 @@ class IngestService:
             return await failed(f"{url}: parser failed: {type(exc).__name__}: {exc}", None)
         if parsed.warning:
             log.info("feed %s parsed with a warning: %s", url, parsed.warning)
-        new_items = await self._publish_new(url, parsed.articles)
+        try:
+            new_items = await self._publish_new(url, parsed.articles)
+        except BusError as exc:
+            # The broker is away: nothing was marked seen, so the next poll publishes it all.
+            # The process stays up (/readyz says the bus is down) rather than dying with it.
+            return await failed(f"{url}: not published, bus unavailable: {exc}", fetched.status)
         metrics.FEED_POLLS.labels("ok").inc()
         metrics.ARTICLES_FETCHED.labels(url).inc(new_items)
         await self._store.record_poll(
