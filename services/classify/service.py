@@ -178,6 +178,7 @@ class ClassifyService:
         indexes = self._indexes
         results = await asyncio.to_thread(self._embed, [event for _, event in events])
         classified: list[store.Classified] = []
+        matches: list[ArticleMatched] = []
         for (message, event), result in zip(events, results, strict=True):
             if isinstance(result, BaseException):
                 attempts = self.settings.classify_max_attempts
@@ -200,18 +201,23 @@ class ClassifyService:
                     scores=scores,
                     fetched_at=event.fetched_at,
                 )
-                await self.bus.publish(
-                    ARTICLES_MATCHED,
-                    matched.encode(),
-                    key=event.article.article_id,
-                    headers={"type": matched.type},
-                )
+                matches.append(matched)
                 matched_id = matched.event_id
-                for score in matched.matches:
-                    metrics.ARTICLES_MATCHED.labels(score.topic).inc()
             classified.append(store.Classified(event.article, result, matched_id, scores))
+        # Published together: one round trip per batch to the broker, not one per article.
+        await asyncio.gather(*(self._publish_match(m) for m in matches))
         if classified:
             await store.record(self.engine, classified, self.settings.classify_recent_articles)
+
+    async def _publish_match(self, matched: ArticleMatched) -> None:
+        await self.bus.publish(
+            ARTICLES_MATCHED,
+            matched.encode(),
+            key=matched.article.article_id,
+            headers={"type": matched.type},
+        )
+        for score in matched.matches:
+            metrics.ARTICLES_MATCHED.labels(score.topic).inc()
 
     def _embed(self, events: list[ArticleFetched]) -> list[EmbeddedArticle | BaseException]:
         """Embed a batch in one model call; if that fails, article by article, each retried up
