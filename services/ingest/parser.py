@@ -118,6 +118,20 @@ def _normalise_entry(
     guid = entry.get("id", "")
     if entry.get("guidislink") and guid:
         guid = _resolve(base, guid)
+    return _article(guid, link, feed_url, feed_title, title, summary, content, published)
+
+
+def _article(
+    guid: str,
+    link: str,
+    feed_url: str,
+    feed_title: str,
+    title: str,
+    summary: str,
+    content: str,
+    published: datetime | None,
+) -> Article:
+    """The normalised article, with its stable id; a body that repeats the summary is dropped."""
     return Article(
         article_id=article_id(
             guid=guid, link=link, feed_url=feed_url, title=title, published=published
@@ -181,23 +195,9 @@ def _parse_json_feed(body: bytes, feed_url: str) -> ParsedFeed:
         raw_link = item.get("url") or item.get("external_url") or ""
         link = _resolve(base, str(raw_link))
         published = _parse_iso(item.get("date_published") or item.get("date_modified"))
+        guid = str(item.get("id") or "")
         articles.append(
-            Article(
-                article_id=article_id(
-                    guid=str(item.get("id") or ""),
-                    link=link,
-                    feed_url=feed_url,
-                    title=title,
-                    published=published,
-                ),
-                feed_url=feed_url,
-                feed_title=feed_title,
-                title=title,
-                link=link,
-                summary=summary,
-                content=content if content != summary else "",
-                published=published,
-            )
+            _article(guid, link, feed_url, feed_title, title, summary, content, published)
         )
     return ParsedFeed(title=feed_title, articles=articles)
 
