@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -101,14 +102,14 @@ def kafka() -> Iterator[Broker]:
 # Databases --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A database of this test run's own on the PostgreSQL server, dropped at the end.
+@contextmanager
+def scratch_database(prefix: str) -> Iterator[str]:
+    """A new PostgreSQL database named ``prefix_<random>``, dropped on exit; yields its URL.
 
-    Its own database keeps concurrent runs (two checkouts, a developer and CI) apart.
+    A database of its own keeps concurrent runs (two checkouts, a developer and CI) apart.
     """
     admin_url = make_url(POSTGRES_URL)
-    name = f"newsmon_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
 
     def admin(statement: str) -> None:
         """Run one statement on its own loop, in a thread: a test's loop may be running."""
@@ -128,8 +129,17 @@ def postgres_url() -> Iterator[str]:
         admin(f'CREATE DATABASE "{name}"')
     except Exception as exc:
         unavailable(f"PostgreSQL not usable at {POSTGRES_URL}: {exc}")
-    yield admin_url.set(database=name).render_as_string(hide_password=False)
-    admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield admin_url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A database of this test run's own, for the store tests."""
+    with scratch_database("newsmon_test") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

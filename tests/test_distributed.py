@@ -14,10 +14,8 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +23,7 @@ from xml.sax.saxutils import escape
 
 import httpx
 import pytest
-from sqlalchemy import func, make_url, select, text
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy import func, select
 
 from services.bus import BusError, open_bus
 from services.classify.scoring import embed_articles, index_topics, score_embedded
@@ -34,14 +31,13 @@ from services.classify.store import recent_table
 from services.classify.topics import load_topics
 from services.db import open_engine
 from tests.conftest import (
-    POSTGRES_URL,
     ROOT,
     Broker,
     LoopbackServer,
     Reply,
     free_port,
+    scratch_database,
     start_tansu,
-    unavailable,
 )
 from tests.test_e2e import SECRET, verify_standard_webhook, write_seeds
 
@@ -244,27 +240,8 @@ class Fleet:
 @pytest.fixture
 def database() -> Iterator[str]:
     """A PostgreSQL database of this test's own, shared by its processes, dropped afterwards."""
-    admin_url = make_url(POSTGRES_URL)
-    name = f"newsmon_dist_{uuid.uuid4().hex[:12]}"
-
-    def admin(statement: str) -> None:
-        async def execute() -> None:
-            eng = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
-            try:
-                async with eng.connect() as conn:
-                    await conn.execute(text(statement))
-            finally:
-                await eng.dispose()
-
-        with ThreadPoolExecutor(1) as pool:  # the test's own loop is running
-            pool.submit(asyncio.run, execute()).result()
-
-    try:
-        admin(f'CREATE DATABASE "{name}"')
-    except Exception as exc:
-        unavailable(f"PostgreSQL not usable at {POSTGRES_URL}: {exc}")
-    yield admin_url.set(database=name).render_as_string(hide_password=False)
-    admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database("newsmon_dist") as url:
+        yield url
 
 
 @pytest.fixture
