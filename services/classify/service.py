@@ -43,6 +43,7 @@ from services.events import (
     EventError,
     TopicChanged,
 )
+from services.logs import log_context
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -180,30 +181,32 @@ class ClassifyService:
         classified: list[store.Classified] = []
         matches: list[ArticleMatched] = []
         for (message, event), result in zip(events, results, strict=True):
-            if isinstance(result, BaseException):
-                attempts = self.settings.classify_max_attempts
-                await self._dead_letter(message, f"classification failed: {result!r}", attempts)
-                continue
-            scores = score_embedded(result, indexes)
-            metrics.ARTICLES_CLASSIFIED.inc()
-            if not scores:
-                log.warning(
-                    "article %s at %s has no text to score (empty or whitespace title and body)",
-                    event.article.article_id,
-                    message.coordinates,
-                )
-                continue
-            matched_id = None
-            if any(s.matched for s in scores):
-                matched = ArticleMatched(
-                    event_id=uuid.uuid5(_DERIVED, event.event_id).hex,
-                    article=event.article,
-                    scores=scores,
-                    fetched_at=event.fetched_at,
-                )
-                matches.append(matched)
-                matched_id = matched.event_id
-            classified.append(store.Classified(event.article, result, matched_id, scores))
+            # Every line logged about this article carries its id.
+            with log_context(article_id=event.article.article_id):
+                if isinstance(result, BaseException):
+                    attempts = self.settings.classify_max_attempts
+                    await self._dead_letter(message, f"classification failed: {result!r}", attempts)
+                    continue
+                scores = score_embedded(result, indexes)
+                metrics.ARTICLES_CLASSIFIED.inc()
+                if not scores:
+                    log.warning(
+                        "article %s at %s has no text to score (empty or blank title and body)",
+                        event.article.article_id,
+                        message.coordinates,
+                    )
+                    continue
+                matched_id = None
+                if any(s.matched for s in scores):
+                    matched = ArticleMatched(
+                        event_id=uuid.uuid5(_DERIVED, event.event_id).hex,
+                        article=event.article,
+                        scores=scores,
+                        fetched_at=event.fetched_at,
+                    )
+                    matches.append(matched)
+                    matched_id = matched.event_id
+                classified.append(store.Classified(event.article, result, matched_id, scores))
         # Published together: one round trip per batch to the broker, not one per article.
         await asyncio.gather(*(self._publish_match(m) for m in matches))
         if classified:
