@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from alembic import command
@@ -37,16 +42,38 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 async def migrate(engine: AsyncEngine) -> None:
     """Upgrade to the newest revision; a no-op when the schema is current."""
-    async with engine.connect() as conn:
-        if conn.dialect.name == "postgresql":
-            await conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _LOCK_KEY})
-        try:
-            await conn.run_sync(_upgrade)
-            await conn.commit()
-        finally:
-            if conn.dialect.name == "postgresql":
-                await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
-                await conn.commit()
+    async with _one_at_a_time(engine), engine.connect() as conn:
+        await conn.run_sync(_upgrade)
+        await conn.commit()
+
+
+@asynccontextmanager
+async def _one_at_a_time(engine: AsyncEngine) -> AsyncIterator[None]:
+    """Hold a lock every newsmon process migrating this database takes.
+
+    Processes starting together (the three services, or two classify members) would otherwise
+    all see an empty schema and all try to create it. PostgreSQL: an advisory lock, held by a
+    connection of its own. SQLite: its processes share a machine, so a lock file beside the
+    database.
+    """
+    if engine.dialect.name == "postgresql":
+        async with engine.connect() as holder:
+            await holder.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _LOCK_KEY})
+            try:
+                yield
+            finally:
+                await holder.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
+        return
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        yield  # nothing another process could share
+        return
+    fd = os.open(f"{database}.migrate-lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 async def migrate_url(url: str) -> None:

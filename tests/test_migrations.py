@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 
 from services.migrate import migrate, target_metadata
-from tests.conftest import ROOT
+from tests.conftest import ROOT, scratch_database
 
 
 def _reset(connection: Connection) -> None:
@@ -54,3 +57,40 @@ def test_newsmon_migrate_command(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "newest schema revision" in result.stderr
     assert (tmp_path / "fresh.db").stat().st_size > 0
+
+
+RACER = """
+import asyncio, os, sys, time
+from services.migrate import migrate_url
+
+go = sys.argv[2]
+while not os.path.exists(go):  # everyone has imported: now all start at once
+    time.sleep(0.001)
+asyncio.run(migrate_url(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def test_processes_starting_together_migrate_one_at_a_time(tmp_path: Path, backend: str) -> None:
+    """Services start together on an empty database: each must find the schema, none fail."""
+    go = tmp_path / "go"
+    with contextlib.ExitStack() as stack:
+        if backend == "sqlite":
+            url = f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}"
+        else:
+            url = stack.enter_context(scratch_database("newsmon_migrate"))
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-c", RACER, url, str(go)],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            for _ in range(6)
+        ]
+        time.sleep(3)  # the imports are done: they wait for the go file
+        go.touch()
+        outputs = [p.communicate(timeout=120)[0].decode() for p in processes]
+    assert [p.returncode for p in processes] == [0] * 6, "\n".join(outputs)
