@@ -190,10 +190,6 @@ class AlertsStore:
         found = await self._subscriptions(subscriptions.c.id == sub_id)
         return found[0] if found else None
 
-    async def subscription_by_token(self, token: str) -> Subscription | None:
-        found = await self._subscriptions(subscriptions.c.unsubscribe_token == token)
-        return found[0] if found else None
-
     async def subscriptions(self, ids: Collection[str] | None = None) -> list[Subscription]:
         return await self._subscriptions(None if ids is None else subscriptions.c.id.in_(ids))
 

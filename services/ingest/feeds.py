@@ -5,10 +5,10 @@ from __future__ import annotations
 import tomllib
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 MIN_INTERVAL_S = 60.0
 MAX_INTERVAL_S = 7 * 86_400.0
@@ -63,25 +63,24 @@ def _clean_tags(tags: list[str]) -> list[str]:
     return cleaned
 
 
+# The checks every feed model shares, as types: an http(s) URL (over the API), a URL that may
+# also name a local file (in the seeds file), and a tag list.
+FeedUrl = Annotated[str, Field(max_length=MAX_URL_LENGTH), AfterValidator(normalise_feed_url)]
+SeedFeedUrl = Annotated[
+    str, AfterValidator(lambda url: normalise_feed_url(url, ("http", "https", "file")))
+]
+Tags = Annotated[list[str], AfterValidator(_clean_tags)]
+
+
 class FeedSpec(BaseModel):
     """A feed in the seeds file: local files (``file://``) are allowed here, not over the API."""
 
     model_config = ConfigDict(frozen=True)
 
-    url: str
+    url: SeedFeedUrl
     title: str = Field("", max_length=300)
     interval_s: float | None = Interval
-    tags: list[str] = Field(default_factory=list)
-
-    @field_validator("url")
-    @classmethod
-    def _valid_url(cls, url: str) -> str:
-        return normalise_feed_url(url, ("http", "https", "file"))
-
-    @field_validator("tags")
-    @classmethod
-    def _valid_tags(cls, tags: list[str]) -> list[str]:
-        return _clean_tags(tags)
+    tags: Tags = Field(default_factory=list)
 
 
 def load_feeds(path: Path) -> list[FeedSpec]:
@@ -102,20 +101,10 @@ class FeedCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(max_length=MAX_URL_LENGTH)
+    url: FeedUrl
     title: str = Field("", max_length=300)
     interval_s: float | None = Interval
-    tags: list[str] = Field(default_factory=list)
-
-    @field_validator("url")
-    @classmethod
-    def _valid_url(cls, url: str) -> str:
-        return normalise_feed_url(url)
-
-    @field_validator("tags")
-    @classmethod
-    def _valid_tags(cls, tags: list[str]) -> list[str]:
-        return _clean_tags(tags)
+    tags: Tags = Field(default_factory=list)
 
 
 class FeedUpdate(BaseModel):
@@ -123,21 +112,11 @@ class FeedUpdate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    url: str | None = Field(None, max_length=MAX_URL_LENGTH)
+    url: FeedUrl | None = None
     title: str | None = Field(None, max_length=300)
     interval_s: float | None = Interval
-    tags: list[str] | None = None
+    tags: Tags | None = None
     paused: bool | None = None
-
-    @field_validator("url")
-    @classmethod
-    def _valid_url(cls, url: str | None) -> str | None:
-        return None if url is None else normalise_feed_url(url)
-
-    @field_validator("tags")
-    @classmethod
-    def _valid_tags(cls, tags: list[str] | None) -> list[str] | None:
-        return None if tags is None else _clean_tags(tags)
 
 
 FeedState = Literal["new", "ok", "retrying", "failing", "paused"]
