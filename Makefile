@@ -33,6 +33,7 @@ test: install-dev
 lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	@mkdir -p .cache/mypy && ln -sfn ../../services .cache/mypy/newsmon
 	$(BIN)/mypy
 
 ## bench: every benchmark in bench/ (python -m bench.NAME); figures go to bench/results/*.json

@@ -32,15 +32,15 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.evaluate import DEV_PATH, load_dev  # noqa: E402
-from services.bus import MemoryBus  # noqa: E402
-from services.classify.model import Backend, SentenceTransformerEmbedder  # noqa: E402
-from services.classify.scoring import index_topics, score_articles, split_passages  # noqa: E402
-from services.classify.service import GROUP, ClassifyService  # noqa: E402
-from services.classify.topics import load_topics  # noqa: E402
-from services.db import open_engine  # noqa: E402
-from services.events import ARTICLES_FETCHED, Article, ArticleFetched  # noqa: E402
-from services.migrate import migrate  # noqa: E402
-from services.settings import Settings  # noqa: E402
+from newsmon.bus import MemoryBus  # noqa: E402
+from newsmon.classify.model import Backend, SentenceTransformerEmbedder  # noqa: E402
+from newsmon.classify.scoring import index_topics, score_articles, split_passages  # noqa: E402
+from newsmon.classify.service import GROUP, ClassifyService  # noqa: E402
+from newsmon.classify.topics import load_topics  # noqa: E402
+from newsmon.db import open_engine  # noqa: E402
+from newsmon.events import ARTICLES_FETCHED, Article, ArticleFetched  # noqa: E402
+from newsmon.migrate import migrate  # noqa: E402
+from newsmon.settings import Settings  # noqa: E402
 
 STREAM = REPO.parent / "shared" / "corpus" / "stream-2022.jsonl"
 TOPICS = REPO / "seeds" / "topics.toml"

@@ -27,12 +27,12 @@ if str(REPO) not in sys.path:
 
 from sqlalchemy import select  # noqa: E402
 
-from services.alerts.service import AlertsService  # noqa: E402
-from services.alerts.store import attempts, deliveries  # noqa: E402
-from services.alerts.subscriptions import Subscription  # noqa: E402
-from services.bus import MemoryBus, Message  # noqa: E402
-from services.db import open_engine  # noqa: E402
-from services.events import (  # noqa: E402
+from newsmon.alerts.service import AlertsService  # noqa: E402
+from newsmon.alerts.store import attempts, deliveries  # noqa: E402
+from newsmon.alerts.subscriptions import Subscription  # noqa: E402
+from newsmon.bus import MemoryBus, Message  # noqa: E402
+from newsmon.db import open_engine  # noqa: E402
+from newsmon.events import (  # noqa: E402
     ARTICLES_MATCHED,
     Article,
     ArticleMatched,
@@ -40,8 +40,8 @@ from services.events import (  # noqa: E402
     TopicScore,
     utcnow,
 )
-from services.migrate import migrate  # noqa: E402
-from services.settings import Settings  # noqa: E402
+from newsmon.migrate import migrate  # noqa: E402
+from newsmon.settings import Settings  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "delivery.json"
 SECRET = "whsec_" + "QmVuY2htYXJrLXNlY3JldC0wMTIzNDU2Nzg5YWJjZGVm"
@@ -193,7 +193,7 @@ if __name__ == "__main__":
     if args.receiver:
         asyncio.run(receive())
         sys.exit(0)
-    logging.getLogger("services.alerts").setLevel(logging.CRITICAL)  # failures are the point
+    logging.getLogger("newsmon.alerts").setLevel(logging.CRITICAL)  # failures are the point
     result = asyncio.run(main(args.subscriptions, args.matches))
     header = ("run", "subs", "bad", "deliv.", "s", "deliv/s", "p50 s", "p99 s")
     print(f"{header[0]:<32}" + "".join(f"{h:>9}" for h in header[1:]))

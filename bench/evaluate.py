@@ -31,8 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: make `services` importable
     sys.path.insert(0, str(REPO))
 
-from services.classify.scoring import index_topics, score_articles  # noqa: E402
-from services.classify.topics import load_topics  # noqa: E402
+from newsmon.classify.scoring import index_topics, score_articles  # noqa: E402
+from newsmon.classify.topics import load_topics  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 DEV_PATH = SHARED / "corpus" / "dev-labelled.jsonl"
@@ -246,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"skipped: corpus not found at {DEV_PATH.parent} / {SEED_LABELS.parent}")
         return 0
 
-    from services.classify.model import SentenceTransformerEmbedder
+    from newsmon.classify.model import SentenceTransformerEmbedder
 
     started = time.perf_counter()
     embedder = SentenceTransformerEmbedder()

@@ -19,13 +19,13 @@ from typing import Any
 
 import feedparser
 
-from services.bus import MemoryBus
-from services.db import open_engine
-from services.ingest.feeds import FeedCreate
-from services.ingest.parser import parse_feed
-from services.ingest.service import IngestService
-from services.migrate import migrate
-from services.settings import Settings
+from newsmon.bus import MemoryBus
+from newsmon.db import open_engine
+from newsmon.ingest.feeds import FeedCreate
+from newsmon.ingest.parser import parse_feed
+from newsmon.ingest.service import IngestService
+from newsmon.migrate import migrate
+from newsmon.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT.parent / "shared" / "corpus" / "feeds"

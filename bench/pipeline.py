@@ -447,7 +447,7 @@ async def processes(
 
 
 def newsmon(role: str) -> list[str]:
-    return [sys.executable, "-m", "services.cli", role]
+    return [sys.executable, "-m", "newsmon.cli", role]
 
 
 @contextmanager

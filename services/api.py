@@ -14,9 +14,9 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Respons
 from fastapi.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services import metrics
-from services.access import ApiKey, RateLimiter, authorize
-from services.settings import Settings
+from newsmon import metrics
+from newsmon.access import ApiKey, RateLimiter, authorize
+from newsmon.settings import Settings
 
 
 def build_app(

@@ -104,7 +104,7 @@ def open_bus(url: str, *, client_id: str = "newsmon") -> Bus:
     if parts.scheme == "kafka":
         if not parts.netloc:
             raise BusError(f"bus URL {url!r} names no broker (expected kafka://host:port)")
-        from services.kafka import PUBLISH_TIMEOUT_S, KafkaBus
+        from newsmon.kafka import PUBLISH_TIMEOUT_S, KafkaBus
 
         try:
             partitions = int(options.get("partitions", "3"))

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from services.bus import BusError
-from services.logs import configure_logging
-from services.settings import Settings
+from newsmon.bus import BusError
+from newsmon.logs import configure_logging
+from newsmon.settings import Settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,11 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"newsmon: invalid settings: {problems}\n")
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "score":
-        from services.classify.batch import run as score_file
+        from newsmon.classify.batch import run as score_file
 
         return score_file(settings, args.input, args.output, args.topics)
     if args.command == "migrate":
-        from services.migrate import migrate_url
+        from newsmon.migrate import migrate_url
 
         asyncio.run(migrate_url(settings.database_url))
         return 0
@@ -74,12 +74,12 @@ def main(argv: list[str] | None = None) -> int:
                 "set NEWSMON_BUS_URL=kafka://host:port (or use 'newsmon run')"
             )
 
-    from services.runner import serve
+    from newsmon.runner import serve
 
     try:
         asyncio.run(serve(settings, roles))
     except BusError as exc:
-        logging.getLogger("newsmon").critical("bus failure: %s", exc)
+        logging.getLogger(__name__).critical("bus failure: %s", exc)
         return 1
     return 0
 

@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from services.bus import Bus, BusError, Consumer, Message
+from newsmon.bus import Bus, BusError, Consumer, Message
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from sqlalchemy import MetaData, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.db import open_engine
+from newsmon.db import open_engine
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +26,9 @@ _LOCK_KEY = 0x6E65_7773_6D6F_6E  # "newsmon"
 
 def target_metadata() -> list[MetaData]:
     """Every service's tables. Like the runner, this module sees all three services."""
-    from services.alerts.store import metadata as alerts
-    from services.classify.store import metadata as classify
-    from services.ingest.store import metadata as ingest
+    from newsmon.alerts.store import metadata as alerts
+    from newsmon.classify.store import metadata as classify
+    from newsmon.ingest.store import metadata as ingest
 
     return [ingest, classify, alerts]
 

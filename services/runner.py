@@ -17,11 +17,11 @@ import uvicorn
 from fastapi import APIRouter
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.api import build_app
-from services.bus import Bus, open_bus
-from services.db import database_ready, open_engine
-from services.migrate import migrate
-from services.settings import Settings
+from newsmon.api import build_app
+from newsmon.bus import Bus, open_bus
+from newsmon.db import database_ready, open_engine
+from newsmon.migrate import migrate
+from newsmon.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +47,15 @@ def build_services(
     """Construct the services named by ``roles`` from their seeds files."""
     services: list[Service] = []
     if "ingest" in roles:
-        from services.ingest.feeds import load_feeds
-        from services.ingest.service import IngestService
+        from newsmon.ingest.feeds import load_feeds
+        from newsmon.ingest.service import IngestService
 
         # The seeds file only fills an empty registry on first start; /feeds manages it after.
         services.append(IngestService(settings, bus, engine, load_feeds(settings.feeds_file)))
     if "classify" in roles:
-        from services.classify.model import SentenceTransformerEmbedder
-        from services.classify.service import ClassifyService
-        from services.classify.topics import load_topics
+        from newsmon.classify.model import SentenceTransformerEmbedder
+        from newsmon.classify.service import ClassifyService
+        from newsmon.classify.topics import load_topics
 
         embedder = SentenceTransformerEmbedder(
             device=settings.model_device,
@@ -69,8 +69,8 @@ def build_services(
             )
         )
     if "alerts" in roles:
-        from services.alerts.service import AlertsService
-        from services.alerts.subscriptions import load_subscriptions
+        from newsmon.alerts.service import AlertsService
+        from newsmon.alerts.subscriptions import load_subscriptions
 
         # The seeds file fills the subscription store on its first start only.
         seeds = load_subscriptions(settings.subscriptions_file)

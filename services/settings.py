@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.access import ApiKey
+from newsmon.access import ApiKey
 
 
 class Settings(BaseSettings):

@@ -24,7 +24,7 @@ import pytest
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from services.db import open_engine
+from newsmon.db import open_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -145,9 +145,9 @@ def postgres_url() -> Iterator[str]:
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
     """An engine on a fresh SQLite file, and on PostgreSQL with every table dropped."""
-    from services.alerts.store import metadata as alerts_metadata
-    from services.classify.store import metadata as classify_metadata
-    from services.ingest.store import metadata as ingest_metadata
+    from newsmon.alerts.store import metadata as alerts_metadata
+    from newsmon.classify.store import metadata as classify_metadata
+    from newsmon.ingest.store import metadata as ingest_metadata
 
     metadatas = [ingest_metadata, alerts_metadata, classify_metadata]
     if request.param == "sqlite":
@@ -170,7 +170,7 @@ async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
 @pytest.fixture(scope="session")
 def embedder() -> Any:
     try:
-        from services.classify.model import SentenceTransformerEmbedder
+        from newsmon.classify.model import SentenceTransformerEmbedder
 
         return SentenceTransformerEmbedder()
     except Exception as exc:

@@ -17,12 +17,12 @@ from typing import Any
 import httpx
 import pytest
 
-from services.alerts.service import AlertsService
-from services.alerts.store import AlertsStore, delivery_id
-from services.alerts.subscriptions import Subscription
-from services.api import build_app
-from services.bus import MemoryBus
-from services.settings import Settings
+from newsmon.alerts.service import AlertsService
+from newsmon.alerts.store import AlertsStore, delivery_id
+from newsmon.alerts.subscriptions import Subscription
+from newsmon.api import build_app
+from newsmon.bus import MemoryBus
+from newsmon.settings import Settings
 from tests.test_alerts_service import SECRET, matched, message, until
 
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.alerts.policy import (
+from newsmon.alerts.policy import (
     DEAD,
     DELIVERED,
     PENDING,
@@ -16,7 +16,7 @@ from services.alerts.policy import (
     next_digest_at,
     webhook_outcome,
 )
-from services.retry_after import RETRY_AFTER_MAX_S, parse_retry_after
+from newsmon.retry_after import RETRY_AFTER_MAX_S, parse_retry_after
 
 NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 SVIX = [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]

@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 
-from services.alerts.service import AlertsService
-from services.alerts.signing import verify
-from services.alerts.store import DEAD, DELIVERED, AlertsStore, delivery_id
-from services.alerts.subscriptions import Subscription
-from services.bus import MemoryBus, Message
-from services.events import ARTICLES_MATCHED, Article, ArticleMatched, Evidence, TopicScore
-from services.settings import Settings
+from newsmon.alerts.service import AlertsService
+from newsmon.alerts.signing import verify
+from newsmon.alerts.store import DEAD, DELIVERED, AlertsStore, delivery_id
+from newsmon.alerts.subscriptions import Subscription
+from newsmon.bus import MemoryBus, Message
+from newsmon.events import ARTICLES_MATCHED, Article, ArticleMatched, Evidence, TopicScore
+from newsmon.settings import Settings
 from tests.conftest import LoopbackServer, Reply
 
 SECRET = "whsec_" + base64.b64encode(b"alerts-test-secret-0123456789abcdef").decode()

@@ -9,9 +9,9 @@ import pytest
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from services.access import ApiKey, RateLimiter, authorize
-from services.api import build_app
-from services.settings import Settings
+from newsmon.access import ApiKey, RateLimiter, authorize
+from newsmon.api import build_app
+from newsmon.settings import Settings
 
 ADMIN = ApiKey(name="ops", key="a" * 32, role="admin")
 READER = ApiKey(name="dash", key="r" * 32, role="read")

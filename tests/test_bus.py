@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from services.bus import Bus, BusError, MemoryBus, Message, open_bus
+from newsmon.bus import Bus, BusError, MemoryBus, Message, open_bus
 from tests.conftest import Broker
 
 

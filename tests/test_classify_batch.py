@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from services.classify.batch import parse_line
+from newsmon.classify.batch import parse_line
 
 pytestmark = pytest.mark.model
 
@@ -46,7 +46,7 @@ def test_score_command_writes_one_line_per_input_in_order(tmp_path: Path) -> Non
     )
     out = tmp_path / "out.jsonl"
     result = subprocess.run(
-        [sys.executable, "-m", "services.cli", "score", str(source), "-o", str(out),
+        [sys.executable, "-m", "newsmon.cli", "score", str(source), "-o", str(out),
          "--topics", str(ROOT / "seeds/topics.toml")],
         capture_output=True, cwd=tmp_path, timeout=300, check=False,
     )  # fmt: skip
@@ -69,7 +69,7 @@ def test_score_command_writes_one_line_per_input_in_order(tmp_path: Path) -> Non
 def test_onnx_backends_agree_with_torch(
     embedder: Any, tmp_path: Path, backend: Any, min_cosine: float
 ) -> None:
-    from services.classify.model import SentenceTransformerEmbedder
+    from newsmon.classify.model import SentenceTransformerEmbedder
 
     onnx = SentenceTransformerEmbedder(backend=backend, cache_dir=tmp_path)
     texts = ["Fentanyl seized at the border.", "short", "word " * 400, "Погода"]

@@ -16,12 +16,12 @@ import httpx
 import numpy as np
 import pytest
 
-from services.bus import Bus, MemoryBus, Message, open_bus
-from services.classify import store
-from services.classify.model import Vectors
-from services.classify.service import ClassifyService
-from services.classify.topics import Topic
-from services.events import (
+from newsmon.bus import Bus, MemoryBus, Message, open_bus
+from newsmon.classify import store
+from newsmon.classify.model import Vectors
+from newsmon.classify.service import ClassifyService
+from newsmon.classify.topics import Topic
+from newsmon.events import (
     ARTICLES_FETCHED,
     ARTICLES_FETCHED_DLQ,
     ARTICLES_MATCHED,
@@ -29,7 +29,7 @@ from services.events import (
     ArticleFetched,
     ArticleMatched,
 )
-from services.settings import Settings
+from newsmon.settings import Settings
 
 WORDS = ("fentanyl", "weather", "football")
 

@@ -18,7 +18,7 @@ from tests.conftest import ROOT, free_port
 
 def newsmon(*args: str, env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "services.cli", *args],
+        [sys.executable, "-m", "newsmon.cli", *args],
         env={**os.environ, **env},
         cwd=cwd,
         stdout=subprocess.PIPE,
@@ -93,8 +93,8 @@ def test_an_unreachable_broker_exits_non_zero_with_a_clear_message(tmp_path: Pat
 STUBBORN = """
 import asyncio, logging
 from fastapi import APIRouter
-from services import runner
-from services.settings import Settings
+from newsmon import runner
+from newsmon.settings import Settings
 
 class Stubborn:
     name = "stubborn"

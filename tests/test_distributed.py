@@ -25,11 +25,11 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from services.bus import BusError, open_bus
-from services.classify.scoring import embed_articles, index_topics, score_embedded
-from services.classify.store import recent_table
-from services.classify.topics import load_topics
-from services.db import open_engine
+from newsmon.bus import BusError, open_bus
+from newsmon.classify.scoring import embed_articles, index_topics, score_embedded
+from newsmon.classify.store import recent_table
+from newsmon.classify.topics import load_topics
+from newsmon.db import open_engine
 from tests.conftest import (
     ROOT,
     Broker,
@@ -199,7 +199,7 @@ class Fleet:
         port = free_port()
         with log.open("wb") as out:
             process = subprocess.Popen(
-                [sys.executable, "-m", "services.cli", role],
+                [sys.executable, "-m", "newsmon.cli", role],
                 env={**self.env, "NEWSMON_HTTP_PORT": str(port), **env},
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -22,8 +22,8 @@ from xml.sax.saxutils import escape
 import httpx
 import pytest
 
-from services.runner import ROLES, serve
-from services.settings import Settings
+from newsmon.runner import ROLES, serve
+from newsmon.settings import Settings
 from tests.conftest import ROOT, Broker, LoopbackServer, Received, Reply, free_port
 
 pytestmark = pytest.mark.model
@@ -87,7 +87,7 @@ def parse_metrics(exposition: str) -> dict[str, float]:
 
 
 def metric_values() -> dict[str, float]:
-    from services.metrics import exposition
+    from newsmon.metrics import exposition
 
     return parse_metrics(exposition()[0].decode())
 
@@ -198,7 +198,7 @@ async def test_kafka_end_to_end_three_processes(
     # Downstream first, so that consumers are in their groups when the article arrives.
     processes = {
         role: subprocess.Popen(
-            [sys.executable, "-m", "services.cli", role], env=env, stdout=logs[role], stderr=subprocess.STDOUT
+            [sys.executable, "-m", "newsmon.cli", role], env=env, stdout=logs[role], stderr=subprocess.STDOUT
         )
         for role in reversed(ROLES)
     }  # fmt: skip

@@ -17,9 +17,9 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from services.alerts.store import delivery_id
-from services.alerts.subscriptions import Subscription
-from services.events import Article, ArticleMatched, Evidence, TopicScore
+from newsmon.alerts.store import delivery_id
+from newsmon.alerts.subscriptions import Subscription
+from newsmon.events import Article, ArticleMatched, Evidence, TopicScore
 from tests.conftest import free_port
 from tests.test_alerts_delivery import alerts, status_is
 from tests.test_alerts_service import matched, message, until

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from services.events import (
+from newsmon.events import (
     Article,
     ArticleFetched,
     ArticleMatched,

@@ -10,11 +10,11 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from services.bus import MemoryBus
-from services.events import utcnow
-from services.ingest.feeds import FeedSpec
-from services.ingest.service import IngestService
-from services.settings import Settings
+from newsmon.bus import MemoryBus
+from newsmon.events import utcnow
+from newsmon.ingest.feeds import FeedSpec
+from newsmon.ingest.service import IngestService
+from newsmon.settings import Settings
 from tests.conftest import LoopbackServer, Reply
 from tests.test_ingest_service import RSS_HEADERS, drain, rss
 
@@ -33,7 +33,7 @@ class Api:
     async def open(self) -> None:
         self.service = IngestService(self.settings, self.bus, self.engine, self.seeds)
         await self.service.start()
-        app = FastAPI()  # the routes alone: services.api's app adds only health checks
+        app = FastAPI()  # the routes alone: newsmon.api's app adds only health checks
         app.include_router(self.service.router)
         self.client = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://newsmon.test"

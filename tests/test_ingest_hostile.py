@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from services.bus import MemoryBus
-from services.events import ArticleFetched
+from newsmon.bus import MemoryBus
+from newsmon.events import ArticleFetched
 from tests.conftest import SHARED, LoopbackServer, Reply
 from tests.test_ingest_service import RSS_HEADERS, drain, ingest, rss, status_of
 

@@ -10,10 +10,10 @@ from datetime import timedelta
 from email.utils import format_datetime
 from typing import Any
 
-from services.bus import MemoryBus
-from services.events import utcnow
-from services.ingest.fetcher import HostLimiter
-from services.ingest.store import IngestStore
+from newsmon.bus import MemoryBus
+from newsmon.events import utcnow
+from newsmon.ingest.fetcher import HostLimiter
+from newsmon.ingest.store import IngestStore
 from tests.conftest import LoopbackServer, Received, Reply
 from tests.test_ingest_service import RSS_HEADERS, drain, ingest, rss, status_of
 
@@ -194,7 +194,7 @@ async def test_seen_ids_are_forgotten_after_the_retention_window(engine: Any) ->
     assert await store.unseen(["old", "listed", "recent", "new"]) == {"new"}
     from sqlalchemy import update
 
-    from services.ingest.store import seen_articles
+    from newsmon.ingest.store import seen_articles
 
     long_ago = utcnow() - timedelta(days=100)
     async with engine.begin() as conn:

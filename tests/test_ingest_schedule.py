@@ -8,14 +8,14 @@ from email.utils import format_datetime
 
 import pytest
 
-from services.ingest.feeds import FeedCreate, normalise_feed_url
-from services.ingest.fetcher import user_agent
-from services.ingest.schedule import (
+from newsmon.ingest.feeds import FeedCreate, normalise_feed_url
+from newsmon.ingest.fetcher import user_agent
+from newsmon.ingest.schedule import (
     JITTER,
     backoff_delay,
     next_poll_delay,
 )
-from services.retry_after import RETRY_AFTER_MAX_S, parse_retry_after
+from newsmon.retry_after import RETRY_AFTER_MAX_S, parse_retry_after
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from services.bus import BusError, MemoryBus, Message
-from services.events import ARTICLES_FETCHED, ArticleFetched
-from services.ingest.feeds import FeedCreate, FeedPublic, FeedSpec
-from services.ingest.service import IngestService
-from services.settings import Settings
+from newsmon.bus import BusError, MemoryBus, Message
+from newsmon.events import ARTICLES_FETCHED, ArticleFetched
+from newsmon.ingest.feeds import FeedCreate, FeedPublic, FeedSpec
+from newsmon.ingest.service import IngestService
+from newsmon.settings import Settings
 from tests.conftest import LoopbackServer, Reply, free_port
 
 

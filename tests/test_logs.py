@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from services.logs import JsonFormatter, TextFormatter, _ContextFilter, log_context
+from newsmon.logs import JsonFormatter, TextFormatter, _ContextFilter, log_context
 
 
 def render(formatter: logging.Formatter, message: str, **ids: str) -> str:

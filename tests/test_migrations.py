@@ -15,7 +15,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 
-from services.migrate import migrate, target_metadata
+from newsmon.migrate import migrate, target_metadata
 from tests.conftest import ROOT, scratch_database
 
 
@@ -51,7 +51,7 @@ async def test_migrations_build_the_declared_schema_and_are_idempotent(engine: A
 def test_newsmon_migrate_command(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}"
     result = subprocess.run(
-        [sys.executable, "-m", "services.cli", "migrate", "--database", url],
+        [sys.executable, "-m", "newsmon.cli", "migrate", "--database", url],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -61,7 +61,7 @@ def test_newsmon_migrate_command(tmp_path: Path) -> None:
 
 RACER = """
 import asyncio, os, sys, time
-from services.migrate import migrate_url
+from newsmon.migrate import migrate_url
 
 go = sys.argv[2]
 while not os.path.exists(go):  # everyone has imported: now all start at once

@@ -22,7 +22,7 @@ KEY = "fuzz-admin-key-0123456789abcdef"
 SCRIPT = r"""
 set -u
 ip link set lo up
-"$PYTHON" -m services.cli run --port 8765 > "$WORK/newsmon.log" 2>&1 &
+"$PYTHON" -m newsmon.cli run --port 8765 > "$WORK/newsmon.log" 2>&1 &
 pid=$!
 for _ in $(seq 1 240); do
   curl -sf http://127.0.0.1:8765/readyz > /dev/null && break

@@ -13,7 +13,7 @@ from pathlib import Path
 import feedparser
 import pytest
 
-from services.ingest.parser import (
+from newsmon.ingest.parser import (
     FeedError,
     article_id,
     canonical_url,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from services.classify.model import Vectors
-from services.classify.scoring import (
+from newsmon.classify.model import Vectors
+from newsmon.classify.scoring import (
     MAX_PASSAGES,
     MAX_TEXT_CHARS,
     PASSAGE_WORDS,
@@ -20,7 +20,7 @@ from services.classify.scoring import (
     score_topic,
     split_passages,
 )
-from services.classify.topics import (
+from newsmon.classify.topics import (
     MAX_EXAMPLE_CHARS,
     MAX_EXAMPLES,
     Topic,
@@ -28,7 +28,7 @@ from services.classify.topics import (
     check_keywords,
     find_term,
 )
-from services.events import TopicScore
+from newsmon.events import TopicScore
 
 
 class FakeEmbedder:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from services.classify.model import SentenceTransformerEmbedder
-from services.classify.scoring import TopicIndex, index_topics, score_articles
-from services.classify.topics import load_topics
+from newsmon.classify.model import SentenceTransformerEmbedder
+from newsmon.classify.scoring import TopicIndex, index_topics, score_articles
+from newsmon.classify.topics import load_topics
 
 pytestmark = pytest.mark.model
 

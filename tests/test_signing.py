@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.alerts.signing import (
+from newsmon.alerts.signing import (
     SignatureError,
     new_secret,
     sign,

@@ -21,8 +21,8 @@ from urllib.parse import urlsplit
 
 import aiosmtplib
 
-from services.alerts.policy import Outcome
-from services.events import utcnow
+from newsmon.alerts.policy import Outcome
+from newsmon.events import utcnow
 
 _HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]+")
 

@@ -16,11 +16,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
-from services.alerts.policy import STATUSES
-from services.alerts.signing import new_secret
-from services.alerts.ssrf import UnsafeURL
-from services.alerts.store import Attempt, Delivery, DeliveryFilter
-from services.alerts.subscriptions import (
+from newsmon.alerts.policy import STATUSES
+from newsmon.alerts.signing import new_secret
+from newsmon.alerts.ssrf import UnsafeURL
+from newsmon.alerts.store import Attempt, Delivery, DeliveryFilter
+from newsmon.alerts.subscriptions import (
     Subscription,
     SubscriptionCreate,
     SubscriptionCreated,
@@ -29,10 +29,10 @@ from services.alerts.subscriptions import (
     channel_problems,
     new_subscription_id,
 )
-from services.events import utcnow
+from newsmon.events import utcnow
 
 if TYPE_CHECKING:
-    from services.alerts.service import AlertsService
+    from newsmon.alerts.service import AlertsService
 
 
 class TimeRange(BaseModel):

@@ -26,16 +26,16 @@ from email.utils import parseaddr
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services import metrics
-from services.alerts import mail, store
-from services.alerts.policy import DEAD, Outcome, decide, next_digest_at, webhook_outcome
-from services.alerts.routes import build_public_router, build_router
-from services.alerts.signing import signature_headers
-from services.alerts.ssrf import GuardedTransport, Resolver, UnsafeURL, check_url, system_resolver
-from services.alerts.store import Delivery, NewDelivery, delivery_id
-from services.alerts.subscriptions import Subscription
-from services.bus import Bus, Message
-from services.events import (
+from newsmon import metrics
+from newsmon.alerts import mail, store
+from newsmon.alerts.policy import DEAD, Outcome, decide, next_digest_at, webhook_outcome
+from newsmon.alerts.routes import build_public_router, build_router
+from newsmon.alerts.signing import signature_headers
+from newsmon.alerts.ssrf import GuardedTransport, Resolver, UnsafeURL, check_url, system_resolver
+from newsmon.alerts.store import Delivery, NewDelivery, delivery_id
+from newsmon.alerts.subscriptions import Subscription
+from newsmon.bus import Bus, Message
+from newsmon.events import (
     ARTICLES_MATCHED,
     Article,
     ArticleMatched,
@@ -44,8 +44,8 @@ from services.events import (
     TopicScore,
     utcnow,
 )
-from services.logs import log_context
-from services.settings import Settings
+from newsmon.logs import log_context
+from newsmon.settings import Settings
 
 log = logging.getLogger(__name__)
 alert_log = logging.getLogger("newsmon.alerts")

@@ -36,10 +36,10 @@ from sqlalchemy import (
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from services.alerts.policy import DEAD, DELIVERED, PENDING, Decision, Outcome
-from services.alerts.subscriptions import Subscription
-from services.db import insert_ignoring_duplicates
-from services.events import utcnow
+from newsmon.alerts.policy import DEAD, DELIVERED, PENDING, Decision, Outcome
+from newsmon.alerts.subscriptions import Subscription
+from newsmon.db import insert_ignoring_duplicates
+from newsmon.events import utcnow
 
 __all__ = ["DEAD", "DELIVERED", "PENDING", "AlertsStore", "Delivery", "NewDelivery"]
 

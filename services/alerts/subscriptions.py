@@ -18,9 +18,9 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from services.alerts.signing import decode_secret
-from services.alerts.ssrf import UnsafeURL, split_url
-from services.events import utcnow
+from newsmon.alerts.signing import decode_secret
+from newsmon.alerts.ssrf import UnsafeURL, split_url
+from newsmon.events import utcnow
 
 Channel = Literal["webhook", "email", "log"]
 Mode = Literal["instant", "hourly", "daily"]

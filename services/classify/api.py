@@ -15,14 +15,14 @@ from fastapi import APIRouter, HTTPException, Query, Response, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from services.classify import store
-from services.classify.scoring import MAX_TEXT_CHARS, embed_articles, index_topics, replay
-from services.classify.scoring import score_embedded as score_article
-from services.classify.topics import Topic, TopicDefinition, TopicUpdate
-from services.events import Evidence, TopicScore
+from newsmon.classify import store
+from newsmon.classify.scoring import MAX_TEXT_CHARS, embed_articles, index_topics, replay
+from newsmon.classify.scoring import score_embedded as score_article
+from newsmon.classify.topics import Topic, TopicDefinition, TopicUpdate
+from newsmon.events import Evidence, TopicScore
 
 if TYPE_CHECKING:
-    from services.classify.service import ClassifyService
+    from newsmon.classify.service import ClassifyService
 
 
 class ScoreRequest(BaseModel):

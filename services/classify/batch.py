@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from services.classify import store
-from services.classify.model import Embedder
-from services.classify.scoring import TopicIndex, index_topics, score_articles
-from services.classify.topics import Topic, load_topics
-from services.db import open_engine
-from services.settings import Settings
+from newsmon.classify import store
+from newsmon.classify.model import Embedder
+from newsmon.classify.scoring import TopicIndex, index_topics, score_articles
+from newsmon.classify.topics import Topic, load_topics
+from newsmon.db import open_engine
+from newsmon.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def run(settings: Settings, input_path: Path, output: Path | None, topics_file: 
     if not enabled:
         print("newsmon score: no enabled topics to score with", file=sys.stderr)
         return 2
-    from services.classify.model import SentenceTransformerEmbedder
+    from newsmon.classify.model import SentenceTransformerEmbedder
 
     embedder = SentenceTransformerEmbedder(
         device=settings.model_device,

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from services.classify.model import Embedder, Vectors
-from services.classify.topics import Topic, check_keywords
-from services.events import Evidence, TopicScore
+from newsmon.classify.model import Embedder, Vectors
+from newsmon.classify.topics import Topic, check_keywords
+from newsmon.events import Evidence, TopicScore
 
 # all-MiniLM-L6-v2 reads at most 256 word pieces. Short passages keep one mention (a seizure, an
 # extradition) from being diluted by the rest of a long paragraph; 40 words scored best on half

@@ -20,20 +20,20 @@ from collections.abc import Sequence
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services import metrics
-from services.bus import Bus, Consumer, Message
-from services.classify import store
-from services.classify.api import build_router
-from services.classify.model import Embedder
-from services.classify.scoring import (
+from newsmon import metrics
+from newsmon.bus import Bus, Consumer, Message
+from newsmon.classify import store
+from newsmon.classify.api import build_router
+from newsmon.classify.model import Embedder
+from newsmon.classify.scoring import (
     EmbeddedArticle,
     TopicIndex,
     embed_articles,
     index_topics,
     score_embedded,
 )
-from services.classify.topics import Topic
-from services.events import (
+from newsmon.classify.topics import Topic
+from newsmon.events import (
     ARTICLES_FETCHED,
     ARTICLES_FETCHED_DLQ,
     ARTICLES_MATCHED,
@@ -43,8 +43,8 @@ from services.events import (
     EventError,
     TopicChanged,
 )
-from services.logs import log_context
-from services.settings import Settings
+from newsmon.logs import log_context
+from newsmon.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -34,10 +34,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from services.classify.scoring import EmbeddedArticle
-from services.classify.topics import Topic
-from services.db import insert_ignoring_duplicates
-from services.events import Article, TopicScore, utcnow
+from newsmon.classify.scoring import EmbeddedArticle
+from newsmon.classify.topics import Topic
+from newsmon.db import insert_ignoring_duplicates
+from newsmon.events import Article, TopicScore, utcnow
 
 metadata = MetaData()
 

@@ -22,7 +22,7 @@ from xml.sax import SAXException
 
 import feedparser
 
-from services.events import Article
+from newsmon.events import Article
 
 
 class FeedError(ValueError):

@@ -21,17 +21,17 @@ import httpx
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services import metrics
-from services.bus import Bus, BusError
-from services.events import ARTICLES_FETCHED, Article, ArticleFetched, utcnow
-from services.ingest.feeds import FeedCreate, FeedPublic, FeedSpec, FeedState, FeedUpdate
-from services.ingest.fetcher import Fetched, FetchError, HostLimiter, fetch, new_client, user_agent
-from services.ingest.parser import FeedError, ParsedFeed, parse_feed
-from services.ingest.schedule import next_poll_delay
-from services.ingest.store import DuplicateFeed, FeedRecord, IngestStore, PollRecord
-from services.logs import log_context
-from services.retry_after import parse_retry_after
-from services.settings import Settings
+from newsmon import metrics
+from newsmon.bus import Bus, BusError
+from newsmon.events import ARTICLES_FETCHED, Article, ArticleFetched, utcnow
+from newsmon.ingest.feeds import FeedCreate, FeedPublic, FeedSpec, FeedState, FeedUpdate
+from newsmon.ingest.fetcher import Fetched, FetchError, HostLimiter, fetch, new_client, user_agent
+from newsmon.ingest.parser import FeedError, ParsedFeed, parse_feed
+from newsmon.ingest.schedule import next_poll_delay
+from newsmon.ingest.store import DuplicateFeed, FeedRecord, IngestStore, PollRecord
+from newsmon.logs import log_context
+from newsmon.retry_after import parse_retry_after
+from newsmon.settings import Settings
 
 # Feed ids are database integers: anything larger is no feed (and would overflow the driver).
 FeedId = Annotated[int, Path(ge=1, le=2**31 - 1)]

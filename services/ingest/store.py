@@ -29,8 +29,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.db import insert_ignoring_duplicates
-from services.events import utcnow
+from newsmon.db import insert_ignoring_duplicates
+from newsmon.events import utcnow
 
 # Keeps each IN (…) list well inside the database's limit on bound parameters.
 _CHUNK = 500

@@ -1,10 +1,10 @@
-"""Alembic environment: runs on the connection ``services.migrate`` hands it."""
+"""Alembic environment: runs on the connection ``newsmon.migrate`` hands it."""
 
 from __future__ import annotations
 
 from alembic import context
 
-from services.migrate import target_metadata
+from newsmon.migrate import target_metadata
 
 connection = context.config.attributes["connection"]
 context.configure(
