@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import feedparser
-
 from newsmon.bus import MemoryBus
 from newsmon.db import open_engine
 from newsmon.ingest.feeds import FeedCreate

@@ -14,7 +14,6 @@ from contextlib import asynccontextmanager
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
-
 from newsmon.bus import Bus, BusError, Consumer, Message
 
 log = logging.getLogger(__name__)

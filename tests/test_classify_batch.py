@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from newsmon.classify.batch import parse_line
 
 pytestmark = pytest.mark.model

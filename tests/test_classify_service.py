@@ -15,7 +15,6 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-
 from newsmon.bus import Bus, MemoryBus, Message, open_bus
 from newsmon.classify import store
 from newsmon.classify.model import Vectors

@@ -6,7 +6,6 @@ import json
 import logging
 
 import pytest
-
 from newsmon.logs import JsonFormatter, TextFormatter, _ContextFilter, log_context
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import feedparser
 import pytest
-
 from newsmon.ingest.parser import (
     FeedError,
     article_id,
@@ -20,6 +19,7 @@ from newsmon.ingest.parser import (
     html_to_text,
     parse_feed,
 )
+
 from tests.conftest import ROOT, SHARED
 
 SEED_FEED = ROOT / "seeds" / "feeds" / "seed-article.xml"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from newsmon.alerts.signing import (
     SignatureError,
     new_secret,

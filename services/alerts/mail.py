@@ -20,7 +20,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiosmtplib
-
 from newsmon.alerts.policy import Outcome
 from newsmon.events import utcnow
 

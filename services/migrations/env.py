@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from alembic import context
-
 from newsmon.migrate import target_metadata
 
 connection = context.config.attributes["connection"]
