@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.evaluate import DEV_PATH, load_dev  # noqa: E402
 from newsmon.bus import MemoryBus  # noqa: E402
 from newsmon.classify.model import Backend, SentenceTransformerEmbedder  # noqa: E402
 from newsmon.classify.scoring import index_topics, score_articles, split_passages  # noqa: E402
@@ -40,8 +41,6 @@ from newsmon.db import open_engine  # noqa: E402
 from newsmon.events import ARTICLES_FETCHED, Article, ArticleFetched  # noqa: E402
 from newsmon.migrate import migrate  # noqa: E402
 from newsmon.settings import Settings  # noqa: E402
-
-from bench.evaluate import DEV_PATH, load_dev  # noqa: E402
 
 STREAM = REPO.parent / "shared" / "corpus" / "stream-2022.jsonl"
 TOPICS = REPO / "seeds" / "topics.toml"

@@ -25,6 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from sqlalchemy import select  # noqa: E402
+
 from newsmon.alerts.service import AlertsService  # noqa: E402
 from newsmon.alerts.store import attempts, deliveries  # noqa: E402
 from newsmon.alerts.subscriptions import Subscription  # noqa: E402
@@ -40,7 +42,6 @@ from newsmon.events import (  # noqa: E402
 )
 from newsmon.migrate import migrate  # noqa: E402
 from newsmon.settings import Settings  # noqa: E402
-from sqlalchemy import select  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "delivery.json"
 SECRET = "whsec_" + "QmVuY2htYXJrLXNlY3JldC0wMTIzNDU2Nzg5YWJjZGVm"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import feedparser
+
 from newsmon.bus import MemoryBus
 from newsmon.db import open_engine
 from newsmon.ingest.feeds import FeedCreate

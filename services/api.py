@@ -12,10 +12,11 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response, status
 from fastapi.responses import PlainTextResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from newsmon import metrics
 from newsmon.access import ApiKey, RateLimiter, authorize
 from newsmon.settings import Settings
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 def build_app(

@@ -8,10 +8,11 @@ import logging
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from newsmon.bus import BusError
 from newsmon.logs import configure_logging
 from newsmon.settings import Settings
-from pydantic import ValidationError
 
 
 def main(argv: list[str] | None = None) -> int:

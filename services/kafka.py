@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
 from newsmon.bus import Bus, BusError, Consumer, Message
 
 log = logging.getLogger(__name__)

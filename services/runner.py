@@ -15,12 +15,13 @@ from typing import Any, Protocol
 
 import uvicorn
 from fastapi import APIRouter
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from newsmon.api import build_app
 from newsmon.bus import Bus, open_bus
 from newsmon.db import database_ready, open_engine
 from newsmon.migrate import migrate
 from newsmon.settings import Settings
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,10 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from newsmon.access import ApiKey
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from newsmon.access import ApiKey
 
 
 class Settings(BaseSettings):

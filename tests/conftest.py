@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from newsmon.db import open_engine
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
+
+from newsmon.db import open_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"

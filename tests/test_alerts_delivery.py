@@ -16,13 +16,13 @@ from typing import Any
 
 import httpx
 import pytest
+
 from newsmon.alerts.service import AlertsService
 from newsmon.alerts.store import AlertsStore, delivery_id
 from newsmon.alerts.subscriptions import Subscription
 from newsmon.api import build_app
 from newsmon.bus import MemoryBus
 from newsmon.settings import Settings
-
 from tests.test_alerts_service import SECRET, matched, message, until
 
 

@@ -6,6 +6,7 @@ import random
 from datetime import UTC, datetime, timedelta
 
 import pytest
+
 from newsmon.alerts.policy import (
     DEAD,
     DELIVERED,

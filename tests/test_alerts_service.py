@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+
 from newsmon.alerts.service import AlertsService
 from newsmon.alerts.signing import verify
 from newsmon.alerts.store import DEAD, DELIVERED, AlertsStore, delivery_id
@@ -21,7 +22,6 @@ from newsmon.alerts.subscriptions import Subscription
 from newsmon.bus import MemoryBus, Message
 from newsmon.events import ARTICLES_MATCHED, Article, ArticleMatched, Evidence, TopicScore
 from newsmon.settings import Settings
-
 from tests.conftest import LoopbackServer, Reply
 
 SECRET = "whsec_" + base64.b64encode(b"alerts-test-secret-0123456789abcdef").decode()

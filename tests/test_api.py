@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from fastapi import APIRouter
+from pydantic import BaseModel
+
 from newsmon.access import ApiKey, RateLimiter, authorize
 from newsmon.api import build_app
 from newsmon.settings import Settings
-from pydantic import BaseModel
 
 ADMIN = ApiKey(name="ops", key="a" * 32, role="admin")
 READER = ApiKey(name="dash", key="r" * 32, role="read")

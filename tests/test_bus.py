@@ -6,8 +6,8 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-from newsmon.bus import Bus, BusError, MemoryBus, Message, open_bus
 
+from newsmon.bus import Bus, BusError, MemoryBus, Message, open_bus
 from tests.conftest import Broker
 
 

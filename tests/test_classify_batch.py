@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from newsmon.classify.batch import parse_line
 
 pytestmark = pytest.mark.model

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+
 from newsmon.bus import Bus, MemoryBus, Message, open_bus
 from newsmon.classify import store
 from newsmon.classify.model import Vectors

@@ -23,13 +23,13 @@ from xml.sax.saxutils import escape
 
 import httpx
 import pytest
+from sqlalchemy import func, select
+
 from newsmon.bus import BusError, open_bus
 from newsmon.classify.scoring import embed_articles, index_topics, score_embedded
 from newsmon.classify.store import recent_table
 from newsmon.classify.topics import load_topics
 from newsmon.db import open_engine
-from sqlalchemy import func, select
-
 from tests.conftest import (
     ROOT,
     Broker,

@@ -21,9 +21,9 @@ from xml.sax.saxutils import escape
 
 import httpx
 import pytest
+
 from newsmon.runner import ROLES, serve
 from newsmon.settings import Settings
-
 from tests.conftest import ROOT, Broker, LoopbackServer, Received, Reply, free_port
 
 pytestmark = pytest.mark.model

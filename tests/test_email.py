@@ -16,10 +16,10 @@ from urllib.parse import urlsplit
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
+
 from newsmon.alerts.store import delivery_id
 from newsmon.alerts.subscriptions import Subscription
 from newsmon.events import Article, ArticleMatched, Evidence, TopicScore
-
 from tests.conftest import free_port
 from tests.test_alerts_delivery import alerts, status_is
 from tests.test_alerts_service import matched, message, until

@@ -9,12 +9,12 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+
 from newsmon.bus import MemoryBus
 from newsmon.events import utcnow
 from newsmon.ingest.feeds import FeedSpec
 from newsmon.ingest.service import IngestService
 from newsmon.settings import Settings
-
 from tests.conftest import LoopbackServer, Reply
 from tests.test_ingest_service import RSS_HEADERS, drain, rss
 

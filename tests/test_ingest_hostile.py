@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from newsmon.bus import MemoryBus
 from newsmon.events import ArticleFetched
-
 from tests.conftest import SHARED, LoopbackServer, Reply
 from tests.test_ingest_service import RSS_HEADERS, drain, ingest, rss, status_of
 

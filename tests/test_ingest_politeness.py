@@ -14,7 +14,6 @@ from newsmon.bus import MemoryBus
 from newsmon.events import utcnow
 from newsmon.ingest.fetcher import HostLimiter
 from newsmon.ingest.store import IngestStore
-
 from tests.conftest import LoopbackServer, Received, Reply
 from tests.test_ingest_service import RSS_HEADERS, drain, ingest, rss, status_of
 
@@ -193,8 +192,9 @@ async def test_seen_ids_are_forgotten_after_the_retention_window(engine: Any) ->
     store = IngestStore(engine)
     await store.mark_seen("https://f.example/", ["old", "listed", "recent"])
     assert await store.unseen(["old", "listed", "recent", "new"]) == {"new"}
-    from newsmon.ingest.store import seen_articles
     from sqlalchemy import update
+
+    from newsmon.ingest.store import seen_articles
 
     long_ago = utcnow() - timedelta(days=100)
     async with engine.begin() as conn:

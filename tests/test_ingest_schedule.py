@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import pytest
+
 from newsmon.ingest.feeds import FeedCreate, normalise_feed_url
 from newsmon.ingest.fetcher import user_agent
 from newsmon.ingest.schedule import (

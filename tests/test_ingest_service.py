@@ -10,12 +10,12 @@ from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import pytest
+
 from newsmon.bus import BusError, MemoryBus, Message
 from newsmon.events import ARTICLES_FETCHED, ArticleFetched
 from newsmon.ingest.feeds import FeedCreate, FeedPublic, FeedSpec
 from newsmon.ingest.service import IngestService
 from newsmon.settings import Settings
-
 from tests.conftest import LoopbackServer, Reply, free_port
 
 

@@ -6,6 +6,7 @@ import json
 import logging
 
 import pytest
+
 from newsmon.logs import JsonFormatter, TextFormatter, _ContextFilter, log_context
 
 

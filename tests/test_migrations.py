@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from newsmon.migrate import migrate, target_metadata
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 
+from newsmon.migrate import migrate, target_metadata
 from tests.conftest import ROOT, scratch_database
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import feedparser
 import pytest
+
 from newsmon.ingest.parser import (
     FeedError,
     article_id,
@@ -19,7 +20,6 @@ from newsmon.ingest.parser import (
     html_to_text,
     parse_feed,
 )
-
 from tests.conftest import ROOT, SHARED
 
 SEED_FEED = ROOT / "seeds" / "feeds" / "seed-article.xml"

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
+
 from newsmon.classify.model import Vectors
 from newsmon.classify.scoring import (
     MAX_PASSAGES,
@@ -27,7 +29,6 @@ from newsmon.classify.topics import (
     find_term,
 )
 from newsmon.events import TopicScore
-from pydantic import ValidationError
 
 
 class FakeEmbedder:

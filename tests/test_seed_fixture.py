@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from newsmon.classify.model import SentenceTransformerEmbedder
 from newsmon.classify.scoring import TopicIndex, index_topics, score_articles
 from newsmon.classify.topics import load_topics

@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from newsmon.alerts.subscriptions import Subscription
 
+from newsmon.alerts.subscriptions import Subscription
 from tests.test_alerts_delivery import Receiver, alerts, serve_receiver
 from tests.test_alerts_service import matched, message, until
 

@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiosmtplib
+
 from newsmon.alerts.policy import Outcome
 from newsmon.events import utcnow
 

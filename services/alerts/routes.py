@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse
+from pydantic import BaseModel, Field
+
 from newsmon.alerts.policy import STATUSES
 from newsmon.alerts.signing import new_secret
 from newsmon.alerts.ssrf import UnsafeURL
@@ -28,7 +30,6 @@ from newsmon.alerts.subscriptions import (
     new_subscription_id,
 )
 from newsmon.events import utcnow
-from pydantic import BaseModel, Field
 
 if TYPE_CHECKING:
     from newsmon.alerts.service import AlertsService

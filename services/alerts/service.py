@@ -24,6 +24,8 @@ from datetime import datetime
 from email.utils import parseaddr
 
 import httpx
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from newsmon import metrics
 from newsmon.alerts import mail, store
 from newsmon.alerts.policy import DEAD, Outcome, decide, next_digest_at, webhook_outcome
@@ -44,7 +46,6 @@ from newsmon.events import (
 )
 from newsmon.logs import log_context
 from newsmon.settings import Settings
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 log = logging.getLogger(__name__)
 alert_log = logging.getLogger("newsmon.alerts")

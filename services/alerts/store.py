@@ -14,10 +14,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from newsmon.alerts.policy import DEAD, DELIVERED, PENDING, Decision, Outcome
-from newsmon.alerts.subscriptions import Subscription
-from newsmon.db import insert_ignoring_duplicates
-from newsmon.events import utcnow
 from sqlalchemy import (
     Boolean,
     Column,
@@ -39,6 +35,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from newsmon.alerts.policy import DEAD, DELIVERED, PENDING, Decision, Outcome
+from newsmon.alerts.subscriptions import Subscription
+from newsmon.db import insert_ignoring_duplicates
+from newsmon.events import utcnow
 
 __all__ = ["DEAD", "DELIVERED", "PENDING", "AlertsStore", "Delivery", "NewDelivery"]
 

@@ -16,10 +16,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
 from newsmon.alerts.signing import decode_secret
 from newsmon.alerts.ssrf import UnsafeURL, split_url
 from newsmon.events import utcnow
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 Channel = Literal["webhook", "email", "log"]
 Mode = Literal["instant", "hourly", "daily"]

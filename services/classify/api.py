@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Response, status
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
 from newsmon.classify import store
 from newsmon.classify.scoring import MAX_TEXT_CHARS, embed_articles, index_topics, replay
 from newsmon.classify.scoring import score_embedded as score_article
 from newsmon.classify.topics import Topic, TopicDefinition, TopicUpdate
 from newsmon.events import Evidence, TopicScore
-from pydantic import BaseModel, Field, ValidationError, model_validator
 
 if TYPE_CHECKING:
     from newsmon.classify.service import ClassifyService

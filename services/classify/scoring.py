@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+
 from newsmon.classify.model import Embedder, Vectors
 from newsmon.classify.topics import Topic, check_keywords
 from newsmon.events import Evidence, TopicScore

@@ -18,6 +18,8 @@ import time
 import uuid
 from collections.abc import Sequence
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from newsmon import metrics
 from newsmon.bus import Bus, Consumer, Message
 from newsmon.classify import store
@@ -43,7 +45,6 @@ from newsmon.events import (
 )
 from newsmon.logs import log_context
 from newsmon.settings import Settings
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,6 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
-from newsmon.classify.scoring import EmbeddedArticle
-from newsmon.classify.topics import Topic
-from newsmon.db import insert_ignoring_duplicates
-from newsmon.events import Article, TopicScore, utcnow
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -37,6 +33,11 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from newsmon.classify.scoring import EmbeddedArticle
+from newsmon.classify.topics import Topic
+from newsmon.db import insert_ignoring_duplicates
+from newsmon.events import Article, TopicScore, utcnow
 
 metadata = MetaData()
 

@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 from xml.sax import SAXException
 
 import feedparser
+
 from newsmon.events import Article
 
 

@@ -19,6 +19,8 @@ from typing import Annotated, Any
 
 import httpx
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from newsmon import metrics
 from newsmon.bus import Bus, BusError
 from newsmon.events import ARTICLES_FETCHED, Article, ArticleFetched, utcnow
@@ -30,7 +32,6 @@ from newsmon.ingest.store import DuplicateFeed, FeedRecord, IngestStore, PollRec
 from newsmon.logs import log_context
 from newsmon.retry_after import parse_retry_after
 from newsmon.settings import Settings
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 # Feed ids are database integers: anything larger is no feed (and would overflow the driver).
 FeedId = Annotated[int, Path(ge=1, le=2**31 - 1)]

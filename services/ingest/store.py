@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from newsmon.db import insert_ignoring_duplicates
-from newsmon.events import utcnow
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -30,6 +28,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from newsmon.db import insert_ignoring_duplicates
+from newsmon.events import utcnow
 
 # Keeps each IN (…) list well inside the database's limit on bound parameters.
 _CHUNK = 500

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from alembic import context
+
 from newsmon.migrate import target_metadata
 
 connection = context.config.attributes["connection"]
