@@ -28,8 +28,8 @@ if str(REPO) not in sys.path:
 from sqlalchemy import select  # noqa: E402
 
 from newsmon.alerts.service import AlertsService  # noqa: E402
-from newsmon.alerts.store import attempts, deliveries  # noqa: E402
 from newsmon.alerts.subscriptions import Subscription  # noqa: E402
+from newsmon.alerts.tables import attempts, deliveries  # noqa: E402
 from newsmon.bus import MemoryBus, Message  # noqa: E402
 from newsmon.db import open_engine  # noqa: E402
 from newsmon.events import (  # noqa: E402
@@ -130,7 +130,7 @@ async def scenario(
     for i in range(n_matches):
         await service.handle_batch([match(i)])
         await asyncio.sleep(0.2)
-    while await service.store.count("delivered") < expected:
+    while await service.deliveries.count("delivered") < expected:
         if time.monotonic() - started > 120:
             raise RuntimeError("healthy deliveries did not finish within 120 s")
         await asyncio.sleep(0.05)

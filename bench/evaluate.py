@@ -9,9 +9,16 @@ are also written to ``bench/results/evaluate.json``.
     python -m bench.evaluate            # from the repository root
     python bench/evaluate.py --topics seeds/topics.toml
 
-The corpus is read from ``../shared`` and never copied; where it is absent this exits 0 with a
-message. The dev figures also appear split in two fixed halves by item id ("tune" / "holdout")
-so that anything tuned while looking at one half can be checked on the other.
+The corpus is read from ``../shared`` and never copied; where it is absent this says which file
+is missing and exits 2: no figures is a failure, not a result. The dev figures also appear split
+in two fixed halves by item id ("tune" / "holdout") so that anything tuned while looking at one
+half can be checked on the other.
+
+A figure that a set cannot give is undefined, not perfect: precision without a prediction,
+recall without a positive, F1 with neither (shown "n/a", null in the JSON). Macro-F1 is the
+mean over the topics whose F1 is defined, and says how many that is: a topic with no positive
+and no prediction in a small subset (a half of the dev set, the seed paragraphs) would otherwise
+count as a perfect 1.0.
 """
 
 from __future__ import annotations
@@ -148,13 +155,15 @@ def half(item_id: str) -> str:
 # --- metrics --------------------------------------------------------------------------------
 
 
-def prf(gold: Sequence[bool], predicted: Sequence[bool]) -> dict[str, float | int]:
+def prf(gold: Sequence[bool], predicted: Sequence[bool]) -> dict[str, float | int | None]:
+    """Counts, precision, recall and F1; None where the set cannot give the figure."""
     tp = sum(g and p for g, p in zip(gold, predicted, strict=True))
     fp = sum(p and not g for g, p in zip(gold, predicted, strict=True))
     fn = sum(g and not p for g, p in zip(gold, predicted, strict=True))
-    precision = tp / (tp + fp) if tp + fp else 1.0 if not fn else 0.0
-    recall = tp / (tp + fn) if tp + fn else 1.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    precision = tp / (tp + fp) if tp + fp else None  # nothing predicted
+    recall = tp / (tp + fn) if tp + fn else None  # nothing to find
+    # 2PR / (P + R) written in counts: defined (0.0) when only one of P and R is.
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
     return {"tp": tp, "fp": fp, "fn": fn, "precision": precision, "recall": recall, "f1": f1}
 
 
@@ -164,8 +173,14 @@ def report(
     per_topic = {
         s: prf([s in it.topics for it in items], [s in p for p in predictions]) for s in slugs
     }
-    macro = sum(float(m["f1"]) for m in per_topic.values()) / len(slugs)
-    return {"n": len(items), "topics": per_topic, "macro_f1": macro}
+    defined = [float(m["f1"]) for m in per_topic.values() if m["f1"] is not None]
+    return {
+        "n": len(items),
+        "topics": per_topic,
+        "macro_f1": sum(defined) / len(defined) if defined else None,
+        "macro_f1_topics": len(defined),  # the topics averaged: those with an F1
+        "undefined_f1_topics": [s for s, m in per_topic.items() if m["f1"] is None],
+    }
 
 
 def keyword_predictions(items: Sequence[Item]) -> list[set[str]]:
@@ -189,16 +204,30 @@ def _subset(
     return [it for it, _ in pairs], [sc for _, sc in pairs]
 
 
+def _cell(value: float | None) -> str:
+    return f"{'n/a':>7}" if value is None else f"{value:7.3f}"
+
+
 def print_table(name: str, model: dict[str, Any], keyword: dict[str, Any]) -> None:
     print(f"\n{name} (n={model['n']})")
     print(f"{'topic':<18}{'P':>7}{'R':>7}{'F1':>7}   |{'kw P':>7}{'kw R':>7}{'kw F1':>7}")
     for s, m in model["topics"].items():
         k = keyword["topics"][s]
         print(
-            f"{s:<18}{m['precision']:7.3f}{m['recall']:7.3f}{m['f1']:7.3f}   |"
-            f"{k['precision']:7.3f}{k['recall']:7.3f}{k['f1']:7.3f}"
+            f"{s:<18}{_cell(m['precision'])}{_cell(m['recall'])}{_cell(m['f1'])}   |"
+            f"{_cell(k['precision'])}{_cell(k['recall'])}{_cell(k['f1'])}"
         )
-    print(f"{'macro-F1':<18}{'':14}{model['macro_f1']:7.3f}   |{'':14}{keyword['macro_f1']:7.3f}")
+    print(
+        f"{'macro-F1':<18}{'':14}{_cell(model['macro_f1'])}   |{'':14}{_cell(keyword['macro_f1'])}"
+        f"   (mean over {model['macro_f1_topics']} / {keyword['macro_f1_topics']} of "
+        f"{len(model['topics'])} topics)"
+    )
+    for who, result in (("model", model), ("keyword", keyword)):
+        if result["undefined_f1_topics"]:
+            print(
+                f"  {who} F1 n/a (no positive, no prediction), left out of its macro-F1: "
+                + ", ".join(result["undefined_f1_topics"])
+            )
 
 
 def evaluate(topics_path: Path, embedder: Any, *, verbose: bool = False) -> dict[str, Any]:
@@ -242,9 +271,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS_PATH)
     parser.add_argument("--verbose", action="store_true", help="list every misclassified item")
     args = parser.parse_args(argv)
-    if not DEV_PATH.is_file() or not SEED_LABELS.is_file():
-        print(f"skipped: corpus not found at {DEV_PATH.parent} / {SEED_LABELS.parent}")
-        return 0
+    missing = [str(path) for path in (DEV_PATH, SEED_LABELS) if not path.is_file()]
+    if missing:
+        print(
+            f"bench.evaluate: cannot evaluate, missing {' and '.join(missing)} "
+            "(the labelled corpus lies in ../shared, beside the repository)",
+            file=sys.stderr,
+        )
+        return 2
 
     from newsmon.classify.model import SentenceTransformerEmbedder
 

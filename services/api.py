@@ -8,10 +8,12 @@ open on loopback), and request bodies are capped.
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
+from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from newsmon import metrics
@@ -62,6 +64,23 @@ def build_app(
     for router in public_routers:
         app.include_router(router, dependencies=[open_guard])
     return app
+
+
+def unprocessable(
+    problems: Iterable[tuple[str, str]], where: str = "body", kind: str = "value_error"
+) -> RequestValidationError:
+    """A 422 in FastAPI's field-level shape, for checks a schema cannot make (the store, DNS,
+    several fields together): ``problems`` are ``(field, message)`` pairs."""
+    return RequestValidationError(
+        [{"type": kind, "loc": (where, f), "msg": m, "input": None} for f, m in problems]
+    )
+
+
+def unprocessable_model(exc: ValidationError, where: str = "body") -> RequestValidationError:
+    """A 422 for a model validated by hand (a draft merged into a stored topic)."""
+    return RequestValidationError(
+        [{**e, "loc": (where, *e["loc"])} for e in exc.errors(include_url=False)]
+    )
 
 
 def _guard(keys: list[ApiKey], limiter: RateLimiter) -> Callable[[Request], Awaitable[None]]:

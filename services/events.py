@@ -22,6 +22,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(value: datetime) -> datetime:
+    """``value`` in UTC; a naive value is taken to be UTC already."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
 class EventError(ValueError):
     """A bus message that is not a well-formed event of the expected type."""
 
@@ -86,8 +91,12 @@ class Article(BaseModel):
 
     @property
     def text(self) -> str:
-        """The body to classify: the longest of content and summary (feeds often repeat one)."""
-        return self.content if len(self.content) >= len(self.summary) else self.summary
+        return article_text(self.summary, self.content)
+
+
+def article_text(summary: str, content: str) -> str:
+    """The body to classify: the longer of content and summary (feeds often repeat one)."""
+    return content if len(content) >= len(summary) else summary
 
 
 class ArticleFetched(Event):

@@ -26,7 +26,7 @@ _LOCK_KEY = 0x6E65_7773_6D6F_6E  # "newsmon"
 
 def target_metadata() -> list[MetaData]:
     """Every service's tables. Like the runner, this module sees all three services."""
-    from newsmon.alerts.store import metadata as alerts
+    from newsmon.alerts.tables import metadata as alerts
     from newsmon.classify.store import metadata as classify
     from newsmon.ingest.store import metadata as ingest
 

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 from collections.abc import Coroutine, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import uvicorn
@@ -31,8 +32,6 @@ ROLES = ("ingest", "classify", "alerts")
 class Service(Protocol):
     @property
     def name(self) -> str: ...
-    @property
-    def router(self) -> APIRouter: ...
 
     def ready(self) -> bool:
         """Started and able to take work (classify: the model is loaded)."""
@@ -41,41 +40,53 @@ class Service(Protocol):
     async def run(self, stop: asyncio.Event) -> None: ...
 
 
-def build_services(
+@dataclass(frozen=True)
+class Part:
+    """One service of this process and the routes it serves (built from the service, as
+    Starlette is handed its routes): ``routers`` behind the API-key guard, ``public`` reached
+    from a link with a token of its own."""
+
+    service: Service
+    routers: Sequence[APIRouter]
+    public: Sequence[APIRouter] = ()
+
+
+def build_parts(
     settings: Settings, bus: Bus, engine: AsyncEngine, roles: Sequence[str]
-) -> list[Service]:
-    """Construct the services named by ``roles`` from their seeds files."""
-    services: list[Service] = []
+) -> list[Part]:
+    """Construct the services named by ``roles`` from their seeds files, with their routes."""
+    parts: list[Part] = []
     if "ingest" in roles:
+        from newsmon.ingest import routes as ingest_routes
         from newsmon.ingest.feeds import load_feeds
         from newsmon.ingest.service import IngestService
 
         # The seeds file only fills an empty registry on first start; /feeds manages it after.
-        services.append(IngestService(settings, bus, engine, load_feeds(settings.feeds_file)))
+        ingest = IngestService(settings, bus, engine, load_feeds(settings.feeds_file))
+        parts.append(Part(ingest, [ingest_routes.build_router(ingest)]))
     if "classify" in roles:
-        from newsmon.classify.model import SentenceTransformerEmbedder
+        from newsmon.classify import routes as classify_routes
         from newsmon.classify.service import ClassifyService
-        from newsmon.classify.topics import load_topics
 
-        embedder = SentenceTransformerEmbedder(
-            device=settings.model_device,
-            backend=settings.model_backend,
-            cache_dir=settings.model_cache_dir,
-        )
-        topics = load_topics(settings.topics_file)
-        services.append(
-            ClassifyService(
-                settings, bus, engine, embedder, topics, seeds_source=str(settings.topics_file)
-            )
-        )
+        classify = ClassifyService.from_settings(settings, bus, engine)
+        parts.append(Part(classify, [classify_routes.build_router(classify)]))
     if "alerts" in roles:
+        from newsmon.alerts import routes as alerts_routes
         from newsmon.alerts.service import AlertsService
         from newsmon.alerts.subscriptions import load_subscriptions
 
         # The seeds file fills the subscription store on its first start only.
-        seeds = load_subscriptions(settings.subscriptions_file)
-        services.append(AlertsService(settings, bus, engine, seeds))
-    return services
+        alerts = AlertsService(
+            settings, bus, engine, load_subscriptions(settings.subscriptions_file)
+        )
+        parts.append(
+            Part(
+                alerts,
+                [alerts_routes.build_router(alerts)],
+                [alerts_routes.build_public_router(alerts)],
+            )
+        )
+    return parts
 
 
 class _Server(uvicorn.Server):
@@ -99,7 +110,8 @@ async def serve(
         stop = asyncio.Event()
         _install_signal_handlers(stop)
     try:
-        services = await asyncio.to_thread(build_services, settings, bus, engine, roles)
+        parts = await asyncio.to_thread(build_parts, settings, bus, engine, roles)
+        services = [part.service for part in parts]
         await bus.start()
         await migrate(engine)
 
@@ -110,9 +122,12 @@ async def serve(
                 **{service.name: service.ready() for service in services},
             }
 
-        # A service may also have routes that people reach without an API key (email links).
-        public = [r for s in services if (r := getattr(s, "public_router", None)) is not None]
-        app = build_app([s.router for s in services], readiness, settings, public)
+        app = build_app(
+            [r for part in parts for r in part.routers],
+            readiness,
+            settings,
+            [r for part in parts for r in part.public],
+        )
         server = _Server(
             uvicorn.Config(
                 app,

@@ -145,7 +145,7 @@ def postgres_url() -> Iterator[str]:
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
     """An engine on a fresh SQLite file, and on PostgreSQL with every table dropped."""
-    from newsmon.alerts.store import metadata as alerts_metadata
+    from newsmon.alerts.tables import metadata as alerts_metadata
     from newsmon.classify.store import metadata as classify_metadata
     from newsmon.ingest.store import metadata as ingest_metadata
 

@@ -17,12 +17,14 @@ from typing import Any
 import httpx
 import pytest
 
+from newsmon.alerts.delivery_store import DeliveryStore, delivery_id
+from newsmon.alerts.routes import build_public_router, build_router
 from newsmon.alerts.service import AlertsService
-from newsmon.alerts.store import AlertsStore, delivery_id
 from newsmon.alerts.subscriptions import Subscription
 from newsmon.api import build_app
 from newsmon.bus import MemoryBus
 from newsmon.settings import Settings
+from newsmon.ssrf import Resolver, system_resolver
 from tests.test_alerts_service import SECRET, matched, message, until
 
 
@@ -118,19 +120,22 @@ def hook(sub_id: str, url: str) -> Subscription:
 
 @asynccontextmanager
 async def alerts(
-    engine: Any, seeds: Sequence[Subscription] = (), **settings: Any
+    engine: Any,
+    seeds: Sequence[Subscription] = (),
+    resolver: Resolver = system_resolver,
+    **settings: Any,
 ) -> AsyncIterator[tuple[AlertsService, httpx.AsyncClient]]:
     """The alerts service running, and a client of the HTTP API app that serves its routes."""
     config = Settings(**{
         "webhook_retry_delays_s": [0.2, 0.2, 0.2], "webhook_timeout_s": 1,
         "webhook_retry_jitter": 0, "api_rate_burst": 10**6, **settings,
     })  # fmt: skip
-    service = AlertsService(config, MemoryBus(), engine, seeds)
+    service = AlertsService(config, MemoryBus(), engine, seeds, resolver=resolver)
 
     async def ready() -> dict[str, bool]:
         return {}
 
-    app = build_app([service.router], ready, config, [service.public_router])
+    app = build_app([build_router(service)], ready, config, [build_public_router(service)])
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
     try:
@@ -249,7 +254,7 @@ async def test_a_restart_in_the_middle_of_the_schedule_resumes_it(
         await service.handle_batch([message(event)])
         await until(lambda: len(receiver.hits) == 2)
         await asyncio.sleep(0.3)  # the 2nd failure is recorded; the 3rd attempt is 2 s away
-    stored = await AlertsStore(engine).get(delivery_id("s1", "a1", "fentanyl"))
+    stored = await DeliveryStore(engine).get(delivery_id("s1", "a1", "fentanyl"))
     assert stored is not None and stored.attempts == 2 and stored.status == "pending"
     assert stored.next_attempt_at > datetime.now(UTC) + timedelta(seconds=0.5)
     receiver.mode = "200"

@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 
+from newsmon.alerts.delivery_store import DeliveryStore, delivery_id
+from newsmon.alerts.policy import DEAD, DELIVERED
 from newsmon.alerts.service import AlertsService
 from newsmon.alerts.signing import verify
-from newsmon.alerts.store import DEAD, DELIVERED, AlertsStore, delivery_id
 from newsmon.alerts.subscriptions import Subscription
 from newsmon.bus import MemoryBus, Message
 from newsmon.events import ARTICLES_MATCHED, Article, ArticleMatched, Evidence, TopicScore
@@ -126,7 +127,7 @@ async def test_an_endpoint_that_always_fails_ends_dead_with_its_reason(
     async with running(engine, [webhook("s1", http_server, "/down")]) as service:
         await service.handle_batch([message(matched())])
         await until(lambda: _is(engine, "s1", DEAD))
-    delivery = await AlertsStore(engine).get(delivery_id("s1", "a1", "fentanyl"))
+    delivery = await DeliveryStore(engine).get(delivery_id("s1", "a1", "fentanyl"))
     assert delivery is not None
     assert delivery.attempts == 3 and delivery.last_error == "HTTP 500"
     assert len(http_server.requests_to("/down")) == 3
@@ -145,7 +146,7 @@ async def test_a_hanging_endpoint_never_delays_the_others(
         assert time.monotonic() - started < 1.5
         await until(lambda: len(http_server.requests_to("/hang")) == 5, timeout=5)
         await asyncio.sleep(2.5)  # the 2 s attempt deadline passes: each hang is a failure
-    store = AlertsStore(engine)
+    store = DeliveryStore(engine)
     delivery = await store.get(delivery_id("slow", "a0", "fentanyl"))
     assert delivery is not None and delivery.last_error == "no response within 2 s"
 
@@ -201,7 +202,7 @@ async def test_log_channel_prints_the_alert_and_its_evidence(
 
 
 async def status_of(engine: Any, sub: str) -> str | None:
-    delivery = await AlertsStore(engine).get(delivery_id(sub, "a1", "fentanyl"))
+    delivery = await DeliveryStore(engine).get(delivery_id(sub, "a1", "fentanyl"))
     return delivery.status if delivery else None
 
 

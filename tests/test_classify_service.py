@@ -19,6 +19,7 @@ import pytest
 from newsmon.bus import Bus, MemoryBus, Message, open_bus
 from newsmon.classify import store
 from newsmon.classify.model import Vectors
+from newsmon.classify.routes import build_router
 from newsmon.classify.service import ClassifyService
 from newsmon.classify.topics import Topic
 from newsmon.events import (
@@ -187,7 +188,7 @@ async def api(engine: Any) -> AsyncIterator[tuple[httpx.AsyncClient, ClassifySer
 
     service = await started(engine)
     app = FastAPI()
-    app.include_router(service.router)
+    app.include_router(build_router(service))
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://classify") as client:
         yield client, service
@@ -258,17 +259,17 @@ async def test_invalid_update_gets_422_and_changes_nothing(api: Any) -> None:
 async def test_score_endpoint_returns_every_topic_with_evidence(api: Any) -> None:
     client, _ = api
     response = await client.post(
-        "/score", json={"title": "Fentanyl seized", "text": "x" * (10 * 1024 * 1024)}
+        "/score", json={"title": "Fentanyl seized", "content": "x" * (10 * 1024 * 1024)}
     )
     body = response.json()
     assert response.status_code == 200
     assert body["matches"] == ["fentanyl"] and body["truncated"] is True
     [score] = body["scores"]
     assert score["threshold"] == 0.6 and score["evidence"]["nearest_positive"]
-    empty = await client.post("/score", json={"title": " ", "text": "\n"})
+    empty = await client.post("/score", json={"title": " ", "summary": "\n"})
     assert empty.status_code == 422
     assert "nothing to score" in empty.json()["detail"][0]["msg"]
-    foreign = await client.post("/score", json={"title": "Глобальная погода", "text": "天气"})
+    foreign = await client.post("/score", json={"title": "Глобальная погода", "content": "天气"})
     assert foreign.status_code == 200 and foreign.json()["matches"] == []
 
 

@@ -17,7 +17,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from newsmon.alerts.store import delivery_id
+from newsmon.alerts.delivery_store import delivery_id
 from newsmon.alerts.subscriptions import Subscription
 from newsmon.events import Article, ArticleMatched, Evidence, TopicScore
 from tests.conftest import free_port

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from newsmon.bus import MemoryBus
 from newsmon.events import utcnow
 from newsmon.ingest.feeds import FeedSpec
+from newsmon.ingest.routes import build_router
 from newsmon.ingest.service import IngestService
 from newsmon.settings import Settings
 from tests.conftest import LoopbackServer, Reply
@@ -34,7 +35,7 @@ class Api:
         self.service = IngestService(self.settings, self.bus, self.engine, self.seeds)
         await self.service.start()
         app = FastAPI()  # the routes alone: newsmon.api's app adds only health checks
-        app.include_router(self.service.router)
+        app.include_router(build_router(self.service))
         self.client = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://newsmon.test"
         )

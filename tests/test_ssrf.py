@@ -8,7 +8,7 @@ import ipaddress
 import httpx
 import pytest
 
-from newsmon.alerts.ssrf import GuardedTransport, UnsafeURL, check_url, parse_host, refusal
+from newsmon.ssrf import GuardedTransport, UnsafeURL, check_url, parse_host, refusal
 from tests.conftest import LoopbackServer, Reply
 
 REFUSED = [

@@ -84,8 +84,7 @@ async def test_the_ssrf_guard_refuses_at_registration(engine: Any) -> None:
             raise OSError("no such host")
         return names[host]
 
-    async with alerts(engine, webhook_allow_loopback=False) as (service, api):
-        service.resolver = resolver
+    async with alerts(engine, resolver=resolver, webhook_allow_loopback=False) as (service, api):
         for url, why in [
             ("http://127.0.0.1:8080/hook", "loopback"),
             ("http://2130706433/hook", "loopback"),

@@ -1,4 +1,4 @@
-"""Alert emails: rendering (pure) and sending over SMTP with aiosmtplib.
+"""The email channel: rendering alert emails (pure) and sending them over SMTP with aiosmtplib.
 
 Everything that came from a feed is escaped in the HTML part, and CR/LF (and other control
 characters) are removed from anything that reaches a header, so a hostile feed title can neither
@@ -9,20 +9,25 @@ inject markup nor headers. SMTP replies are classified: 4xx and lost connections
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import html
+import json
 import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
-from email.utils import format_datetime
+from email.utils import format_datetime, parseaddr
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiosmtplib
 
-from newsmon.alerts.policy import Outcome
+from newsmon.alerts.delivery_store import Delivery
+from newsmon.alerts.policy import Outcome, digest_period
+from newsmon.alerts.subscriptions import Subscription
 from newsmon.events import utcnow
+from newsmon.settings import Settings
 
 _HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]+")
 
@@ -165,3 +170,55 @@ async def send(message: EmailMessage, config: SmtpConfig) -> Outcome:
 
 def _reply_outcome(code: int, text: str, latency: float) -> Outcome:
     return Outcome(f"SMTP {code}: {header_safe(text)}", code, latency, permanent=500 <= code < 600)
+
+
+class EmailChannel:
+    """Alerts as email over SMTP: one message per alert, or one per digest period."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        password = settings.smtp_password.get_secret_value() if settings.smtp_password else None
+        self._config = SmtpConfig(
+            host=settings.smtp_host,
+            port=settings.smtp_port,
+            sender=parseaddr(settings.smtp_from)[1],
+            starttls=settings.smtp_starttls,
+            implicit_tls=settings.smtp_tls,
+            username=settings.smtp_username,
+            password=password,
+            timeout_s=settings.smtp_timeout_s,
+        )
+
+    @property
+    def retry_delays(self) -> Sequence[float]:
+        return self._settings.email_retry_delays_s
+
+    async def send(self, sub: Subscription, rows: list[Delivery]) -> Outcome:
+        assert sub.email is not None
+        settings = self._settings
+        digest = (
+            digest_period(
+                sub.mode, hourly_s=settings.digest_hourly_s, daily_s=settings.digest_daily_s
+            )
+            is not None
+        )
+        message_id = (
+            "digest_" + hashlib.sha256("".join(r.id for r in rows).encode()).hexdigest()[:32]
+            if digest
+            else rows[0].id
+        )
+        message = render(
+            [json.loads(r.payload)["data"] for r in rows],
+            sender=settings.smtp_from,
+            recipient=sub.email,
+            message_id=message_id,
+            unsubscribe_url=(
+                f"{settings.public_url.rstrip('/')}/subscriptions/{sub.id}"
+                f"/unsubscribe/{sub.unsubscribe_token}"
+            ),
+            period=sub.mode if digest else None,
+        )
+        return await send(message, self._config)
+
+    async def close(self) -> None:
+        return None

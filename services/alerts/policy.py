@@ -102,3 +102,8 @@ def next_digest_at(now: datetime, period_s: float) -> datetime:
     elapsed = (now - epoch).total_seconds()
     periods = int(elapsed // period_s) + 1
     return epoch + timedelta(seconds=periods * period_s)
+
+
+def digest_period(mode: str, *, hourly_s: float, daily_s: float) -> float | None:
+    """The digest period of a subscription's ``mode`` in seconds; None for instant alerts."""
+    return {"hourly": hourly_s, "daily": daily_s}.get(mode)

@@ -16,11 +16,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from newsmon.alerts.signing import decode_secret
-from newsmon.alerts.ssrf import UnsafeURL, split_url
 from newsmon.events import utcnow
+from newsmon.ssrf import UnsafeURL, split_url
 
 Channel = Literal["webhook", "email", "log"]
 Mode = Literal["instant", "hourly", "daily"]
@@ -152,7 +152,10 @@ def channel_problems(
 
 
 class SubscriptionPublic(BaseModel):
-    """A subscription as the API shows it: everything but its secrets."""
+    """A subscription as the API shows it: everything but its secrets.
+
+    Built with ``model_validate(subscription, from_attributes=True)``.
+    """
 
     id: str
     channel: Channel
@@ -167,28 +170,10 @@ class SubscriptionPublic(BaseModel):
     disabled_reason: str | None
     disabled_at: datetime | None
     failing_since: datetime | None
-    secret_rotation_ends_at: datetime | None
+    secret_rotation_ends_at: datetime | None = Field(
+        validation_alias=AliasChoices("secret_rotation_ends_at", "previous_secret_expires_at")
+    )
     created_at: datetime
-
-    @classmethod
-    def of(cls, sub: Subscription) -> SubscriptionPublic:
-        return cls(
-            id=sub.id,
-            channel=sub.channel,
-            url=sub.url,
-            email=sub.email,
-            topics=list(sub.topics),
-            min_score=sub.min_score,
-            mode=sub.mode,
-            active=sub.active,
-            paused=sub.paused,
-            paused_reason=sub.paused_reason,
-            disabled_reason=sub.disabled_reason,
-            disabled_at=sub.disabled_at,
-            failing_since=sub.failing_since,
-            secret_rotation_ends_at=sub.previous_secret_expires_at,
-            created_at=sub.created_at,
-        )
 
 
 class SubscriptionCreated(SubscriptionPublic):

@@ -18,11 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from newsmon.classify import store
+from newsmon.bus import MemoryBus
 from newsmon.classify.model import Embedder
 from newsmon.classify.scoring import TopicIndex, index_topics, score_articles
-from newsmon.classify.topics import Topic, load_topics
+from newsmon.classify.service import ClassifyService
+from newsmon.classify.topics import load_topics
 from newsmon.db import open_engine
+from newsmon.events import article_text
+from newsmon.migrate import migrate
 from newsmon.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -57,8 +60,7 @@ def parse_line(number: int, raw: bytes) -> Line:
     fields = {k: row.get(k) or "" for k in ("title", "summary", "content")}
     if not all(isinstance(v, str) for v in fields.values()):
         return Line(number, row["id"], "", "", f"line {number}: title/summary/content not text")
-    # As ingest does: the longer of content and summary is the body.
-    body = max(fields["content"], fields["summary"], key=len)
+    body = article_text(fields["summary"], fields["content"])
     if not fields["title"].strip() and not body.strip():
         return Line(number, row["id"], "", "", f"line {number}: empty title and text")
     return Line(number, row["id"], fields["title"], body)
@@ -100,12 +102,15 @@ def _chunks(lines: Iterable[bytes], size: int) -> Iterator[list[Line]]:
 
 
 def score_file(
-    source: IO[bytes], sink: IO[str], topics: Sequence[Topic], embedder: Embedder, total: int
+    source: IO[bytes],
+    sink: IO[str],
+    indexes: Sequence[TopicIndex],
+    embedder: Embedder,
+    total: int,
 ) -> tuple[int, int]:
     """Score every line of ``source`` into ``sink``; returns (lines written, lines with errors)."""
     from tqdm import tqdm
 
-    indexes = index_topics(topics, embedder)
     written = errors = 0
     with tqdm(total=total, unit="article", file=sys.stderr, disable=None) as progress:
         for chunk in _chunks(source, CHUNK):
@@ -119,43 +124,38 @@ def score_file(
     return written, errors
 
 
-async def configured_topics(settings: Settings) -> list[Topic]:
-    """The topics classify is running with: the store's once seeded, else the seeds file."""
+async def configured_service(settings: Settings) -> ClassifyService:
+    """The classify service as ``newsmon run`` would start it on this database: migrated,
+    seeded on first use, its topics loaded and embedded."""
     engine = open_engine(settings.database_url)
     try:
-        async with engine.begin() as conn:
-            await conn.run_sync(store.metadata.create_all)
-        stored = await store.load_topics(engine)
-        seeded = await store.is_seeded(engine)
+        await migrate(engine)
+        service = ClassifyService.from_settings(settings, MemoryBus(), engine)
+        await service.start()
     finally:
         await engine.dispose()
-    return stored if seeded else load_topics(settings.topics_file)
+    return service
 
 
 def run(settings: Settings, input_path: Path, output: Path | None, topics_file: Path | None) -> int:
     if not input_path.is_file():
         print(f"newsmon score: no such file: {input_path}", file=sys.stderr)
         return 2
-    topics = load_topics(topics_file) if topics_file else asyncio.run(configured_topics(settings))
-    enabled = [t for t in topics if t.enabled]
+    service = asyncio.run(configured_service(settings))
+    embedder = service.embedder
+    indexes = index_topics(load_topics(topics_file), embedder) if topics_file else service.indexes
+    enabled = [ix.topic for ix in indexes if ix.topic.enabled]
     if not enabled:
         print("newsmon score: no enabled topics to score with", file=sys.stderr)
         return 2
-    from newsmon.classify.model import SentenceTransformerEmbedder
-
-    embedder = SentenceTransformerEmbedder(
-        device=settings.model_device,
-        backend=settings.model_backend,
-        cache_dir=settings.model_cache_dir,
-    )
     with input_path.open("rb") as f:
         total = sum(1 for raw in f if raw.strip())
     with input_path.open("rb") as source:
         if output is None:
-            written, errors = score_file(source, sys.stdout, enabled, embedder, total)
+            written, errors = score_file(source, sys.stdout, indexes, embedder, total)
         else:
             with output.open("w", encoding="utf-8") as sink:
-                written, errors = score_file(source, sink, enabled, embedder, total)
+                written, errors = score_file(source, sink, indexes, embedder, total)
     print(
         f"newsmon score: {written} articles scored with {len(enabled)} topics"
         f" ({', '.join(t.slug for t in enabled)}); {errors} lines with errors",

@@ -17,22 +17,33 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from newsmon import metrics
 from newsmon.bus import Bus, Consumer, Message
 from newsmon.classify import store
-from newsmon.classify.api import build_router
-from newsmon.classify.model import Embedder
+from newsmon.classify.model import Embedder, SentenceTransformerEmbedder
+from newsmon.classify.schemas import (
+    Match,
+    MatchPage,
+    Preview,
+    PreviewArticle,
+    ScoreRequest,
+    ScoreResponse,
+)
 from newsmon.classify.scoring import (
+    MAX_TEXT_CHARS,
     EmbeddedArticle,
     TopicIndex,
     embed_articles,
     index_topics,
+    replay,
     score_embedded,
 )
-from newsmon.classify.topics import Topic
+from newsmon.classify.topics import Topic, TopicDefinition, TopicUpdate, load_topics
 from newsmon.events import (
     ARTICLES_FETCHED,
     ARTICLES_FETCHED_DLQ,
@@ -42,6 +53,7 @@ from newsmon.events import (
     ArticleMatched,
     EventError,
     TopicChanged,
+    TopicScore,
 )
 from newsmon.logs import log_context
 from newsmon.settings import Settings
@@ -52,6 +64,10 @@ GROUP = "classify"
 # A namespace for ids derived from another event's id: a redelivered ArticleFetched yields an
 # ArticleMatched with the same id, so downstream dedupe sees one event.
 _DERIVED = uuid.UUID("6f1c3b0e-8a52-4d0c-9d7e-2b1f4f6a9c10")
+
+
+class TopicNotFound(LookupError):
+    """No topic has this slug."""
 
 
 class ClassifyService:
@@ -79,7 +95,17 @@ class ClassifyService:
         self._started = False
         # Set once this process follows topics.changed: a change published after it is seen.
         self.following_changes = asyncio.Event()
-        self.router = build_router(self)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, bus: Bus, engine: AsyncEngine) -> ClassifyService:
+        """The service with the configured model and seeds (``newsmon run`` and ``score``)."""
+        embedder = SentenceTransformerEmbedder(
+            device=settings.model_device,
+            backend=settings.model_backend,
+            cache_dir=settings.model_cache_dir,
+        )
+        seeds = load_topics(settings.topics_file)
+        return cls(settings, bus, engine, embedder, seeds, seeds_source=str(settings.topics_file))
 
     @property
     def indexes(self) -> list[TopicIndex]:
@@ -108,6 +134,124 @@ class ClassifyService:
             topics = await store.load_topics(self.engine)
             self._indexes = await asyncio.to_thread(index_topics, topics, self.embedder)
         log.info("topics loaded: %s", ", ".join(f"{t.slug}@v{t.version}" for t in topics))
+
+    # topics: what the API asks of the service ------------------------------------------------
+
+    async def topics(self) -> list[Topic]:
+        """Every topic, enabled or not."""
+        await self.start()
+        return await store.load_topics(self.engine)
+
+    async def topic(self, slug: str) -> Topic:
+        await self.start()
+        topic = await store.get_topic(self.engine, slug)
+        if topic is None:
+            raise TopicNotFound(f"no topic {slug!r}")
+        return topic
+
+    async def create_topic(self, definition: TopicDefinition) -> Topic:
+        """Store a new topic at version 1 (or the next version of a deleted slug)."""
+        await self.start()
+        created = await store.create_topic(self.engine, Topic(**definition.model_dump()))
+        await self.topic_changed(created, "created")
+        return created
+
+    async def update_topic(self, slug: str, update: TopicUpdate) -> Topic:
+        """Apply ``update``; a change bumps the version, an update that changes nothing does not."""
+        topic = await self.topic(slug)
+        changed = update.apply(topic)
+        if changed == topic:
+            return topic
+        return await self._save(changed, "updated")
+
+    async def delete_topic(self, slug: str) -> Topic:
+        return await self._save(await self.topic(slug), "deleted", deleted=True)
+
+    async def set_enabled(self, slug: str, enabled: bool) -> Topic:
+        topic = await self.topic(slug)
+        if topic.enabled == enabled:
+            return topic
+        change = "enabled" if enabled else "disabled"
+        return await self._save(topic.model_copy(update={"enabled": enabled}), change)
+
+    async def _save(self, topic: Topic, change: str, *, deleted: bool = False) -> Topic:
+        saved = await store.save_topic(self.engine, topic, deleted=deleted)
+        await self.topic_changed(saved, change)
+        return saved
+
+    async def preview(self, slug: str, draft: TopicUpdate, *, articles: int, show: int) -> Preview:
+        """Replay a draft of ``slug`` over the last ``articles`` classified, saving nothing."""
+        current = await self.topic(slug)
+        drafted = draft.apply(current)
+        recent = await store.recent_articles(self.engine, articles)
+
+        def compute() -> tuple[list[Any], int, int]:
+            current_ix, draft_ix = index_topics([current, drafted], self.embedder)
+            return replay([r.embedded for r in recent], current_ix, draft_ix)
+
+        changes, before, after = await asyncio.to_thread(compute)
+
+        def listed(gained: bool) -> list[PreviewArticle]:
+            return [
+                PreviewArticle(
+                    article_id=recent[c.index].article_id,
+                    title=recent[c.index].title,
+                    link=recent[c.index].link,
+                    classified_at=recent[c.index].classified_at,
+                    score_before=c.before.score,
+                    score_after=c.after.score,
+                    evidence=c.after.evidence,
+                )
+                for c in changes
+                if c.after.matched == gained
+            ][:show]
+
+        return Preview(
+            slug=slug,
+            current_version=current.version,
+            articles=len(recent),
+            matching_now=before,
+            matching_with_draft=after,
+            would_match=listed(True),
+            would_stop_matching=listed(False),
+        )
+
+    async def score(self, request: ScoreRequest) -> ScoreResponse:
+        """Score one article against every enabled topic, with the evidence of each."""
+        await self.start()
+        indexes = self._indexes
+
+        def compute() -> tuple[list[TopicScore], int]:
+            [embedded] = embed_articles([(request.title, request.text)], self.embedder)
+            return score_embedded(embedded, indexes), len(embedded.passages)
+
+        scores, passages = await asyncio.to_thread(compute)
+        return ScoreResponse(
+            scores=scores,
+            matches=[s.topic for s in scores if s.matched],
+            passages=passages,
+            truncated=len(request.text) > MAX_TEXT_CHARS,
+        )
+
+    async def matches(
+        self,
+        *,
+        topic: str | None,
+        since: datetime | None,
+        until: datetime | None,
+        limit: int,
+        offset: int,
+    ) -> MatchPage:
+        """Past matches, newest first; ``since`` inclusive, ``until`` exclusive."""
+        page = await store.list_matches(
+            self.engine, topic=topic, since=since, until=until, limit=limit, offset=offset
+        )
+        return MatchPage(
+            total=page.total,
+            limit=limit,
+            offset=offset,
+            items=[Match.model_validate(item) for item in page.items],
+        )
 
     async def topic_changed(self, topic: Topic, change: str) -> None:
         """Reload here, then tell every other classify process."""

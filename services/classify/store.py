@@ -18,7 +18,6 @@ from sqlalchemy import (
     JSON,
     Boolean,
     Column,
-    DateTime,
     Float,
     Integer,
     LargeBinary,
@@ -36,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from newsmon.classify.scoring import EmbeddedArticle
 from newsmon.classify.topics import Topic
-from newsmon.db import insert_ignoring_duplicates
+from newsmon.db import UTCDateTime, insert_ignoring_duplicates
 from newsmon.events import Article, TopicScore, utcnow
 
 metadata = MetaData()
@@ -48,7 +47,7 @@ topics_table = Table(
     Column("version", Integer, nullable=False),
     Column("definition", JSON, nullable=False),
     Column("deleted", Boolean, nullable=False, default=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
 )
 
 state_table = Table(
@@ -71,7 +70,7 @@ matches_table = Table(
     Column("score", Float, nullable=False),
     Column("threshold", Float, nullable=False),
     Column("evidence", JSON, nullable=False),
-    Column("matched_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("matched_at", UTCDateTime(), nullable=False, index=True),
 )
 
 recent_table = Table(
@@ -83,7 +82,7 @@ recent_table = Table(
     Column("passages", JSON, nullable=False),
     Column("vectors", LargeBinary, nullable=False),
     Column("text", Text, nullable=False),
-    Column("classified_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("classified_at", UTCDateTime(), nullable=False, index=True),
 )
 
 SEEDED = "seeded_from"

@@ -15,10 +15,9 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime, timedelta
-from typing import Annotated, Any
+from typing import Any
 
 import httpx
-from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from newsmon import metrics
@@ -28,13 +27,10 @@ from newsmon.ingest.feeds import FeedCreate, FeedPublic, FeedSpec, FeedState, Fe
 from newsmon.ingest.fetcher import Fetched, FetchError, HostLimiter, fetch, new_client, user_agent
 from newsmon.ingest.parser import FeedError, ParsedFeed, parse_feed
 from newsmon.ingest.schedule import next_poll_delay
-from newsmon.ingest.store import DuplicateFeed, FeedRecord, IngestStore, PollRecord
+from newsmon.ingest.store import FeedRecord, IngestStore, PollRecord
 from newsmon.logs import log_context
 from newsmon.retry_after import parse_retry_after
 from newsmon.settings import Settings
-
-# Feed ids are database integers: anything larger is no feed (and would overflow the driver).
-FeedId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +41,10 @@ PRUNE_EVERY_S = 3600.0
 # Publishes in flight at once: lets the Kafka producer batch a large feed instead of waiting
 # for one acknowledgement per article.
 PUBLISH_CONCURRENCY = 256
+
+
+class FeedNotFound(LookupError):
+    """No feed has this id (or it was deleted meanwhile)."""
 
 
 class IngestService:
@@ -79,7 +79,6 @@ class IngestService:
         self._parser: ProcessPoolExecutor | None = None
         self._started = False
         self._pruned_at = 0.0
-        self.router = self._routes()
 
     # Lifecycle --------------------------------------------------------------------------------
 
@@ -149,17 +148,14 @@ class IngestService:
         if self._fatal is not None:
             raise self._fatal
 
-    async def poll_now(self, feed_id: int) -> FeedRecord | None:
-        """Poll one feed now (joining a poll already in flight); its record afterwards."""
+    async def poll_now(self, feed_id: int) -> FeedPublic:
+        """Poll one feed now (joining a poll already in flight); the feed afterwards."""
         await self.start()
         task = self._polls.get(feed_id)
         if task is None:
-            record = await self._store.get_feed(feed_id)
-            if record is None:
-                return None
-            task = self._spawn(record)
+            task = self._spawn(await self._found(feed_id))
         await asyncio.shield(task)  # a client that hangs up does not cancel the poll
-        return await self._store.get_feed(feed_id)
+        return await self.feed(feed_id)
 
     def ready(self) -> bool:
         return self._started
@@ -364,6 +360,20 @@ class IngestService:
     async def feeds(self) -> list[FeedPublic]:
         return [self.public(r) for r in await self._store.list_feeds()]
 
+    async def feed(self, feed_id: int) -> FeedPublic:
+        return self.public(await self._found(feed_id))
+
+    async def _found(self, feed_id: int) -> FeedRecord:
+        record = await self._store.get_feed(feed_id)
+        if record is None:
+            raise FeedNotFound(f"no feed with id {feed_id}")
+        return record
+
+    async def delete_feed(self, feed_id: int) -> None:
+        """Stop polling a feed and forget it (articles it published stay seen)."""
+        if not await self._store.delete_feed(feed_id):
+            raise FeedNotFound(f"no feed with id {feed_id}")
+
     async def add_feed(self, feed: FeedCreate) -> FeedPublic:
         record = await self._store.add_feed(
             feed.url, title=feed.title, tags=feed.tags, interval_s=feed.interval_s
@@ -371,10 +381,9 @@ class IngestService:
         self._wake.set()
         return self.public(record)
 
-    async def update_feed(self, feed_id: int, update: FeedUpdate) -> FeedRecord | None:
-        record = await self._store.get_feed(feed_id)
-        if record is None:
-            return None
+    async def update_feed(self, feed_id: int, update: FeedUpdate) -> FeedPublic:
+        """Change a feed's URL, title, interval, tags or paused flag."""
+        record = await self._found(feed_id)
         changes: dict[str, Any] = update.model_dump(exclude_unset=True)
         now = utcnow()
         if "url" in changes and changes["url"] != record.url:
@@ -389,108 +398,9 @@ class IngestService:
             changes["next_poll_at"] = now  # resumed: poll soon, not after a stale schedule
         updated = await self._store.update_feed(feed_id, changes)
         self._wake.set()
-        return updated
-
-    # HTTP ---------------------------------------------------------------------------------------
-
-    def _routes(self) -> APIRouter:
-        router = APIRouter(prefix="/feeds", tags=["feeds"])
-
-        async def found(feed_id: int) -> FeedRecord:
-            record = await self._store.get_feed(feed_id)
-            if record is None:
-                raise HTTPException(status.HTTP_404_NOT_FOUND, f"no feed with id {feed_id}")
-            return record
-
-        def duplicate(url: str) -> HTTPException:
-            # 422, as for any other invalid field, in FastAPI's own field-level shape.
-            return HTTPException(
-                422,  # spelled as a number: its constant was renamed across Starlette releases
-                [
-                    {
-                        "type": "duplicate",
-                        "loc": ["body", "url"],
-                        "msg": f"a feed with URL {url} is already registered",
-                        "input": url,
-                    }
-                ],
-            )
-
-        @router.get("")
-        async def list_feeds(
-            tag: Annotated[str | None, Query(description="only feeds with this tag")] = None,
-            state: Annotated[
-                FeedState | None, Query(description="only feeds in this state")
-            ] = None,
-        ) -> list[FeedPublic]:
-            """Every feed with its health, schedule and counters, oldest first."""
-            feeds = await self.feeds()
-            if tag is not None:
-                feeds = [f for f in feeds if tag.lower() in f.tags]
-            if state is not None:
-                feeds = [f for f in feeds if f.state == state]
-            return feeds
-
-        @router.post("", status_code=status.HTTP_201_CREATED)
-        async def add_feed(feed: FeedCreate, response: Response) -> FeedPublic:
-            """Register a feed by URL; it is polled at once."""
-            try:
-                created = await self.add_feed(feed)
-            except DuplicateFeed:
-                raise duplicate(feed.url) from None
-            response.headers["Location"] = f"/feeds/{created.id}"
-            return created
-
-        @router.get("/{feed_id}")
-        async def get_feed(feed_id: FeedId) -> FeedPublic:
-            """One feed with its health, schedule and counters."""
-            return self.public(await found(feed_id))
-
-        @router.patch("/{feed_id}")
-        async def update_feed(feed_id: FeedId, update: FeedUpdate) -> FeedPublic:
-            """Change a feed's URL, title, interval, tags or paused flag."""
-            await found(feed_id)
-            try:
-                record = await self.update_feed(feed_id, update)
-            except DuplicateFeed:
-                raise duplicate(update.url or "") from None
-            return self.public(record or await found(feed_id))
-
-        @router.delete("/{feed_id}", status_code=status.HTTP_204_NO_CONTENT)
-        async def delete_feed(feed_id: FeedId) -> None:
-            """Stop polling a feed and forget it (articles it published stay seen)."""
-            if not await self._store.delete_feed(feed_id):
-                raise HTTPException(status.HTTP_404_NOT_FOUND, f"no feed with id {feed_id}")
-
-        @router.post("/{feed_id}/pause")
-        async def pause_feed(feed_id: FeedId) -> FeedPublic:
-            """Stop polling a feed until it is resumed."""
-            await found(feed_id)
-            return self.public(
-                await found_after(self.update_feed(feed_id, FeedUpdate(paused=True)))
-            )
-
-        @router.post("/{feed_id}/resume")
-        async def resume_feed(feed_id: FeedId) -> FeedPublic:
-            """Poll a paused feed again, starting now."""
-            await found(feed_id)
-            return self.public(
-                await found_after(self.update_feed(feed_id, FeedUpdate(paused=False)))
-            )
-
-        @router.post("/{feed_id}/poll")
-        async def poll_feed(feed_id: FeedId) -> FeedPublic:
-            """Poll a feed now, paused or not, and return it with the outcome."""
-            await found(feed_id)
-            return self.public(await found_after(self.poll_now(feed_id)))
-
-        async def found_after(change: Any) -> FeedRecord:
-            record: FeedRecord | None = await change
-            if record is None:  # deleted meanwhile
-                raise HTTPException(status.HTTP_404_NOT_FOUND, "feed deleted meanwhile")
-            return record
-
-        return router
+        if updated is None:
+            raise FeedNotFound(f"feed {feed_id} was deleted meanwhile")
+        return self.public(updated)
 
 
 def _parse_in_worker(body: bytes, url: str, content_type: str, max_bytes: int) -> ParsedFeed:

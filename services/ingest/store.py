@@ -7,14 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     Boolean,
     Column,
-    DateTime,
     Float,
     Integer,
     MetaData,
@@ -29,7 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from newsmon.db import insert_ignoring_duplicates
+from newsmon.db import UTCDateTime, insert_ignoring_duplicates
 from newsmon.events import utcnow
 
 # Keeps each IN (…) list well inside the database's limit on bound parameters.
@@ -51,16 +50,16 @@ feeds = Table(
     Column("tags", JSON, nullable=False, default=list),
     Column("interval_s", Float, nullable=True),
     Column("paused", Boolean, nullable=False, default=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
     # Fetch state: the validators for conditional GET, the last outcome, the schedule.
     Column("etag", String(1024), nullable=True),
     Column("last_modified", String(256), nullable=True),
-    Column("last_polled_at", DateTime(timezone=True), nullable=True),
-    Column("last_success_at", DateTime(timezone=True), nullable=True),
+    Column("last_polled_at", UTCDateTime(), nullable=True),
+    Column("last_success_at", UTCDateTime(), nullable=True),
     Column("last_status", Integer, nullable=True),
     Column("last_error", Text, nullable=True),
     Column("consecutive_failures", Integer, nullable=False, default=0),
-    Column("next_poll_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("next_poll_at", UTCDateTime(), nullable=False, index=True),
     # Counters since the feed was added.
     Column("fetches", Integer, nullable=False, default=0),
     Column("not_modified", Integer, nullable=False, default=0),
@@ -74,8 +73,8 @@ seen_articles = Table(
     metadata,
     Column("article_id", String(64), primary_key=True),
     Column("feed_url", String(2048), nullable=False),
-    Column("first_seen_at", DateTime(timezone=True), nullable=False),
-    Column("last_seen_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("first_seen_at", UTCDateTime(), nullable=False),
+    Column("last_seen_at", UTCDateTime(), nullable=False, index=True),
 )
 
 # Facts about the registry itself, such as whether the seeds file was ever loaded.
@@ -89,13 +88,6 @@ state = Table(
 
 class DuplicateFeed(ValueError):
     """A feed with this URL is already registered."""
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes; everything stored here is UTC.
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -127,8 +119,6 @@ class FeedRecord:
     @classmethod
     def from_row(cls, row: Mapping[Any, Any]) -> FeedRecord:
         values = dict(row)
-        for key in ("created_at", "last_polled_at", "last_success_at", "next_poll_at"):
-            values[key] = _utc(values[key])
         values["tags"] = list(values["tags"] or [])
         return cls(**values)
 
@@ -235,7 +225,7 @@ class IngestStore:
                 .order_by(feeds.c.next_poll_at)
                 .limit(len(skip) + 1)
             )
-            return next((_utc(when) for feed_id, when in rows if feed_id not in skip), None)
+            return next((when for feed_id, when in rows if feed_id not in skip), None)
 
     async def record_poll(self, feed_id: int, poll: PollRecord) -> None:
         """Write one poll's outcome and bump the counters (a deleted feed is left deleted)."""
@@ -328,7 +318,7 @@ class IngestStore:
                 )
                 for article_id, last_seen_at in rows:
                     seen.add(article_id)
-                    if _utc(last_seen_at) < stale_before:  # type: ignore[operator]
+                    if last_seen_at < stale_before:
                         stale.append(article_id)
             for start in range(0, len(stale), _CHUNK):
                 await conn.execute(

@@ -1,4 +1,4 @@
-"""Alerts' state: subscriptions, one row per delivery, and every attempt of each delivery.
+"""Deliveries in the database: one row per (subscription, article, topic), and every attempt.
 
 A delivery's id is derived from (subscription, article, topic), so a redelivered match never
 alerts twice. The next attempt's time is stored with the delivery, so a restart resumes the
@@ -8,104 +8,20 @@ schedule where it stopped.
 from __future__ import annotations
 
 import hashlib
-import json
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import (
-    Boolean,
-    Column,
-    DateTime,
-    Float,
-    Index,
-    Integer,
-    LargeBinary,
-    MetaData,
-    String,
-    Table,
-    Text,
-    and_,
-    delete,
-    func,
-    insert,
-    select,
-    update,
-)
+from sqlalchemy import and_, func, insert, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from newsmon.alerts.policy import DEAD, DELIVERED, PENDING, Decision, Outcome
+from newsmon.alerts.policy import PENDING, Decision, Outcome
 from newsmon.alerts.subscriptions import Subscription
+from newsmon.alerts.tables import attempts, deliveries, subscriptions
 from newsmon.db import insert_ignoring_duplicates
 from newsmon.events import utcnow
-
-__all__ = ["DEAD", "DELIVERED", "PENDING", "AlertsStore", "Delivery", "NewDelivery"]
-
-metadata = MetaData()
-
-subscriptions = Table(
-    "alerts_subscriptions",
-    metadata,
-    Column("id", String(64), primary_key=True),
-    Column("channel", String(16), nullable=False),
-    Column("url", Text),
-    Column("email", String(254)),
-    Column("topics", Text, nullable=False),  # JSON list of slugs; [] means all
-    Column("min_score", Float, nullable=False),
-    Column("mode", String(16), nullable=False),
-    Column("secret", Text),
-    Column("previous_secret", Text),
-    Column("previous_secret_expires_at", DateTime(timezone=True)),
-    Column("unsubscribe_token", String(64), nullable=False, unique=True),
-    Column("paused", Boolean, nullable=False),
-    Column("paused_reason", Text),
-    Column("disabled_reason", Text),
-    Column("disabled_at", DateTime(timezone=True)),
-    Column("failing_since", DateTime(timezone=True)),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
-)
-
-deliveries = Table(
-    "alerts_deliveries",
-    metadata,
-    # Derived from (subscription, article, topic): the same match can only ever insert one row.
-    Column("id", String(40), primary_key=True),
-    Column("subscription_id", String(64), nullable=False),
-    Column("article_id", String(64), nullable=False),
-    Column("topic", String(64), nullable=False),
-    Column("status", String(16), nullable=False),  # pending | delivered | dead
-    Column("attempts", Integer, nullable=False, default=0),  # in this round (retry resets)
-    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
-    Column("payload", LargeBinary, nullable=False),
-    Column("last_error", Text),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
-    Index("ix_alerts_deliveries_due", "status", "next_attempt_at"),
-    Index("ix_alerts_deliveries_subscription", "subscription_id", "created_at"),
-)
-
-attempts = Table(
-    "alerts_attempts",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("delivery_id", String(40), nullable=False, index=True),
-    Column("attempted_at", DateTime(timezone=True), nullable=False),
-    Column("status_code", Integer),  # HTTP status or SMTP reply code; None: no reply
-    Column("latency_ms", Float, nullable=False),
-    Column("error", Text),  # None: the attempt succeeded
-)
-
-meta = Table(
-    "alerts_meta",
-    metadata,
-    Column("key", String(64), primary_key=True),
-    Column("value", Text, nullable=False),
-)
-
-SEEDED = "seeded_at"
 
 
 def delivery_id(subscription_id: str, article_id: str, topic: str) -> str:
@@ -155,79 +71,9 @@ class DeliveryFilter:
     until: datetime | None = None
 
 
-class AlertsStore:
+class DeliveryStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
-
-    # subscriptions ------------------------------------------------------------------------
-
-    async def seed_once(self, seeds: Iterable[Subscription]) -> int:
-        """Add the seeds file's subscriptions on the first start only; later starts add none,
-        so a subscription deleted through the API stays deleted. Returns how many were added."""
-        now = utcnow()
-        async with self._engine.begin() as conn:
-            if (await conn.execute(select(meta.c.value).where(meta.c.key == SEEDED))).first():
-                return 0
-            rows = [_subscription_row(s, now) for s in seeds]
-            if rows:
-                await conn.execute(insert_ignoring_duplicates(self._engine, subscriptions), rows)
-            await conn.execute(
-                insert_ignoring_duplicates(self._engine, meta),
-                [{"key": SEEDED, "value": now.isoformat()}],
-            )
-        return len(rows)
-
-    async def create_subscription(self, sub: Subscription) -> bool:
-        """Store a new subscription; False when its id is taken."""
-        async with self._engine.begin() as conn:
-            result = await conn.execute(
-                insert_ignoring_duplicates(self._engine, subscriptions),
-                _subscription_row(sub, utcnow()),
-            )
-        return bool(result.rowcount)
-
-    async def subscription(self, sub_id: str) -> Subscription | None:
-        found = await self._subscriptions(subscriptions.c.id == sub_id)
-        return found[0] if found else None
-
-    async def subscriptions(self, ids: Collection[str] | None = None) -> list[Subscription]:
-        return await self._subscriptions(None if ids is None else subscriptions.c.id.in_(ids))
-
-    async def recording_subscriptions(self) -> list[Subscription]:
-        """Subscriptions new matches are recorded for: all but the paused ones."""
-        return await self._subscriptions(subscriptions.c.paused.is_(False))
-
-    async def _subscriptions(self, where: Any) -> list[Subscription]:
-        query = select(subscriptions).order_by(subscriptions.c.created_at, subscriptions.c.id)
-        if where is not None:
-            query = query.where(where)
-        async with self._engine.connect() as conn:
-            return [_subscription(r) for r in (await conn.execute(query)).mappings()]
-
-    async def update_subscription(self, sub_id: str, **values: Any) -> Subscription | None:
-        if "topics" in values:
-            values["topics"] = json.dumps(list(values["topics"]))
-        async with self._engine.begin() as conn:
-            result = await conn.execute(
-                update(subscriptions)
-                .where(subscriptions.c.id == sub_id)
-                .values(**values, updated_at=utcnow())
-            )
-        return await self.subscription(sub_id) if result.rowcount else None
-
-    async def delete_subscription(self, sub_id: str) -> bool:
-        """Delete a subscription; its pending deliveries end dead, its history stays."""
-        now = utcnow()
-        async with self._engine.begin() as conn:
-            result = await conn.execute(delete(subscriptions).where(subscriptions.c.id == sub_id))
-            await conn.execute(
-                update(deliveries)
-                .where(deliveries.c.subscription_id == sub_id, deliveries.c.status == PENDING)
-                .values(status=DEAD, last_error="subscription deleted", updated_at=now)
-            )
-        return bool(result.rowcount)
-
-    # deliveries ---------------------------------------------------------------------------
 
     async def add(self, rows: list[NewDelivery]) -> int:
         """Record new deliveries as pending; rows whose id exists are ignored. Returns how many."""
@@ -308,8 +154,8 @@ class AlertsStore:
             )
         )
         async with self._engine.connect() as conn:
-            value = (await conn.execute(query)).scalar()
-        return _aware(value)
+            value: datetime | None = (await conn.execute(query)).scalar()
+        return value
 
     async def due_for(self, sub_id: str, limit: int) -> list[Delivery]:
         """One subscription's due deliveries (a digest's contents), oldest first."""
@@ -414,12 +260,7 @@ class AlertsStore:
         )
         async with self._engine.connect() as conn:
             return [
-                Attempt(
-                    r["attempted_at"].replace(tzinfo=UTC),
-                    r["status_code"],
-                    r["latency_ms"],
-                    r["error"],
-                )
+                Attempt(r["attempted_at"], r["status_code"], r["latency_ms"], r["error"])
                 for r in (await conn.execute(query)).mappings()
             ]
 
@@ -468,25 +309,6 @@ def _conditions(where: DeliveryFilter) -> list[Any]:
     return conditions
 
 
-def _subscription_row(sub: Subscription, now: datetime) -> dict[str, Any]:
-    row = sub.model_dump()
-    row["topics"] = json.dumps(list(sub.topics))
-    row["updated_at"] = now
-    return row
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; every time newsmon stores is UTC."""
-    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
-
-
-def _subscription(r: RowMapping) -> Subscription:
-    values: dict[str, Any] = {k: _aware(v) if isinstance(v, datetime) else v for k, v in r.items()}
-    values["topics"] = tuple(json.loads(r["topics"]))
-    values.pop("updated_at")
-    return Subscription.model_validate(values)
-
-
 def _delivery(r: RowMapping) -> Delivery:
     return Delivery(
         id=r["id"],
@@ -497,7 +319,7 @@ def _delivery(r: RowMapping) -> Delivery:
         status=r["status"],
         attempts=r["attempts"],
         last_error=r["last_error"],
-        next_attempt_at=r["next_attempt_at"].replace(tzinfo=UTC),
-        created_at=r["created_at"].replace(tzinfo=UTC),
-        updated_at=r["updated_at"].replace(tzinfo=UTC),
+        next_attempt_at=r["next_attempt_at"],
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
     )

@@ -1,7 +1,4 @@
-"""The Kafka backend of the bus, through aiokafka.
-
-Kept apart from ``bus.py`` so that the embedded default never imports aiokafka.
-"""
+"""The Kafka backend of the bus, through aiokafka."""
 
 from __future__ import annotations
 
@@ -15,7 +12,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from newsmon.bus import Bus, BusError, Consumer, Message
+from newsmon.bus._base import Bus, BusError, Consumer, Message
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,6 @@
-"""The server-side request forgery guard for webhook URLs.
+"""The server-side request forgery guard for URLs newsmon connects to on others' behalf.
 
+Kernel, because alerts (webhook URLs) and ingest (feed URLs) must refuse the same addresses.
 A pure decision on addresses (:func:`refusal`), a parser for the numeric host forms that
 ``inet_aton`` accepts (``2130706433``, ``0x7f000001``, ``0177.1``), a resolver step
 (:func:`check_url`), and an httpx transport that checks every request's destination and then

@@ -1,0 +1,86 @@
+"""Alerts' tables: subscriptions, one row per delivery, every attempt of each, and a marker.
+
+Two stores share them: ``subscription_store`` (who hears what) and ``delivery_store`` (what is
+owed to whom, and each attempt).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+from newsmon.db import UTCDateTime
+
+metadata = MetaData()
+
+subscriptions = Table(
+    "alerts_subscriptions",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("channel", String(16), nullable=False),
+    Column("url", Text),
+    Column("email", String(254)),
+    Column("topics", Text, nullable=False),  # JSON list of slugs; [] means all
+    Column("min_score", Float, nullable=False),
+    Column("mode", String(16), nullable=False),
+    Column("secret", Text),
+    Column("previous_secret", Text),
+    Column("previous_secret_expires_at", UTCDateTime()),
+    Column("unsubscribe_token", String(64), nullable=False, unique=True),
+    Column("paused", Boolean, nullable=False),
+    Column("paused_reason", Text),
+    Column("disabled_reason", Text),
+    Column("disabled_at", UTCDateTime()),
+    Column("failing_since", UTCDateTime()),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+deliveries = Table(
+    "alerts_deliveries",
+    metadata,
+    # Derived from (subscription, article, topic): the same match can only ever insert one row.
+    Column("id", String(40), primary_key=True),
+    Column("subscription_id", String(64), nullable=False),
+    Column("article_id", String(64), nullable=False),
+    Column("topic", String(64), nullable=False),
+    Column("status", String(16), nullable=False),  # pending | delivered | dead
+    Column("attempts", Integer, nullable=False, default=0),  # in this round (retry resets)
+    Column("next_attempt_at", UTCDateTime(), nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+    Column("last_error", Text),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Index("ix_alerts_deliveries_due", "status", "next_attempt_at"),
+    Index("ix_alerts_deliveries_subscription", "subscription_id", "created_at"),
+)
+
+attempts = Table(
+    "alerts_attempts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("delivery_id", String(40), nullable=False, index=True),
+    Column("attempted_at", UTCDateTime(), nullable=False),
+    Column("status_code", Integer),  # HTTP status or SMTP reply code; None: no reply
+    Column("latency_ms", Float, nullable=False),
+    Column("error", Text),  # None: the attempt succeeded
+)
+
+meta = Table(
+    "alerts_meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+SEEDED = "seeded_at"

@@ -1,0 +1,1 @@
+"""The bus backends; ``newsmon.bus.open_bus`` picks one by URL."""
