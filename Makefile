@@ -29,10 +29,11 @@ run: install
 test: install-dev
 	$(BIN)/pytest
 
-## lint: ruff (lint and format) and mypy --strict
+## lint: ruff (lint and format), mypy --strict, and the architecture's import rules
 lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 	@mkdir -p .cache/mypy && ln -sfn ../../services .cache/mypy/newsmon
 	$(BIN)/mypy
 

@@ -54,14 +54,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         parser.exit(2, f"newsmon: invalid settings: {problems}\n")
     configure_logging(settings.log_level, settings.log_format)
+    if args.command in ("score", "migrate"):
+        from newsmon.migrate import migrate_url
+
+        # Only the migrations create tables, whichever command comes first on a new database.
+        asyncio.run(migrate_url(settings.database_url))
     if args.command == "score":
         from newsmon.classify.batch import run as score_file
 
         return score_file(settings, args.input, args.output, args.topics)
     if args.command == "migrate":
-        from newsmon.migrate import migrate_url
-
-        asyncio.run(migrate_url(settings.database_url))
         return 0
     roles: tuple[str, ...]
     if args.command == "run":

@@ -25,7 +25,6 @@ from newsmon.classify.service import ClassifyService
 from newsmon.classify.topics import load_topics
 from newsmon.db import open_engine
 from newsmon.events import article_text
-from newsmon.migrate import migrate
 from newsmon.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -125,11 +124,10 @@ def score_file(
 
 
 async def configured_service(settings: Settings) -> ClassifyService:
-    """The classify service as ``newsmon run`` would start it on this database: migrated,
+    """The classify service as ``newsmon run`` would start it on this (migrated) database:
     seeded on first use, its topics loaded and embedded."""
     engine = open_engine(settings.database_url)
     try:
-        await migrate(engine)
         service = ClassifyService.from_settings(settings, MemoryBus(), engine)
         await service.start()
     finally:
