@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import httpx
@@ -293,6 +294,73 @@ async def test_matches_are_filtered_by_topic_and_time_and_paginated(api: Any) ->
     assert earlier["total"] == 0
     assert first["items"][0]["topic_version"] == 1
     assert (await client.get("/matches", params={"limit": 0})).status_code == 422
+
+
+async def test_score_reads_the_article_shape_and_refuses_unknown_fields_by_name(api: Any) -> None:
+    client, _ = api
+    # The body is the longer of content and summary, as for fed articles and newsmon score.
+    both = await client.post(
+        "/score", json={"title": "x", "summary": "weather", "content": "fentanyl seized again"}
+    )
+    assert both.status_code == 200 and both.json()["matches"] == ["fentanyl"]
+    unknown = await client.post("/score", json={"title": "x", "body": "fentanyl", "text": "y"})
+    assert unknown.status_code == 422
+    assert {e["loc"][1] for e in unknown.json()["detail"]} == {"body", "text"}
+
+
+async def test_an_update_that_changes_nothing_keeps_the_version_and_the_embedding(
+    api: Any,
+) -> None:
+    client, service = api
+    calls = service.embedder.calls
+    same = await client.patch("/topics/fentanyl", json={"threshold": 0.6, "enabled": True})
+    assert same.status_code == 200 and same.json()["version"] == 1
+    assert (await client.patch("/topics/fentanyl", json={})).json()["version"] == 1
+    assert service.embedder.calls == calls  # nothing re-embedded
+    changed = await client.patch("/topics/fentanyl", json={"threshold": 0.65})
+    assert changed.json()["version"] == 2
+
+
+async def test_concurrent_creations_of_one_slug_store_one_and_refuse_the_rest(
+    engine: Any,
+) -> None:
+    # Straight at the store: every creation reads the slug as free before any has written.
+    weather = Topic.model_validate({**NEW_TOPIC, "version": 1})
+    results = await asyncio.gather(
+        *(store.create_topic(engine, weather) for _ in range(10)), return_exceptions=True
+    )
+    assert sum(isinstance(r, Topic) for r in results) == 1
+    assert all(isinstance(r, store.TopicConflict) for r in results if not isinstance(r, Topic))
+
+
+async def test_concurrent_creations_of_one_slug_give_one_201_and_422s(api: Any) -> None:
+    client, _ = api
+    answers = await asyncio.gather(*(client.post("/topics", json=NEW_TOPIC) for _ in range(10)))
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [201] + [422] * 9, codes
+    for answer in answers:
+        if answer.status_code == 422:
+            [error] = answer.json()["detail"]
+            assert error["loc"] == ["body", "slug"] and "exists" in error["msg"]
+
+
+async def test_match_times_are_aware_and_filters_honour_the_utc_offset(api: Any) -> None:
+    client, service = api
+    await service.handle_batch([message(fetched("a1", "fentanyl"), 0)])
+    [item] = (await client.get("/matches")).json()["items"]
+    matched_at = datetime.fromisoformat(item["matched_at"])
+    assert matched_at.utcoffset() == timedelta(0)
+    # One instant, three spellings: each must split the match the same way.
+    just_after = matched_at + timedelta(seconds=1)
+    spellings = [
+        just_after.isoformat(),
+        just_after.astimezone(timezone(timedelta(hours=5, minutes=30))).isoformat(),
+        just_after.astimezone(timezone(timedelta(hours=-7))).isoformat(),
+    ]
+    for spelled in spellings:
+        since = (await client.get("/matches", params={"since": spelled})).json()["total"]
+        until = (await client.get("/matches", params={"until": spelled})).json()["total"]
+        assert (since, until) == (0, 1), spelled
 
 
 async def test_preview_replays_a_draft_over_recent_articles(api: Any) -> None:

@@ -31,6 +31,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from newsmon.classify.scoring import EmbeddedArticle
@@ -151,7 +152,18 @@ async def get_topic(engine: AsyncEngine, slug: str) -> Topic | None:
 
 
 async def create_topic(engine: AsyncEngine, topic: Topic) -> Topic:
-    """Store a new topic; a slug in use is a ``TopicConflict``, a deleted one is reused."""
+    """Store a new topic; a slug in use is a ``TopicConflict``, a deleted one is reused.
+
+    Two creations of one slug at once both see it free; the second insert then fails on the
+    primary key, which is the same conflict.
+    """
+    try:
+        return await _create_topic(engine, topic)
+    except IntegrityError as exc:
+        raise TopicConflict(f"a topic with slug {topic.slug!r} exists") from exc
+
+
+async def _create_topic(engine: AsyncEngine, topic: Topic) -> Topic:
     async with engine.begin() as conn:
         row = (
             await conn.execute(
