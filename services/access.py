@@ -34,8 +34,14 @@ class Decision:
     reason: str = ""
 
 
-def authorize(keys: list[ApiKey], authorization: str | None, method: str) -> Decision:
-    """Decide a request from its ``Authorization`` header and method."""
+def authorize(
+    keys: list[ApiKey], authorization: str | None, method: str, *, changes: bool | None = None
+) -> Decision:
+    """Decide a request from its ``Authorization`` header and method.
+
+    ``changes`` overrides what the method says: a POST that only computes (a score, a
+    preview) changes nothing, and a read key may send it.
+    """
     if not authorization:
         return Decision(401, reason="missing bearer API key")
     scheme, _, presented = authorization.partition(" ")
@@ -47,7 +53,8 @@ def authorize(keys: list[ApiKey], authorization: str | None, method: str) -> Dec
     if not matched:
         return Decision(401, reason="unknown API key")
     key = matched[0]
-    if method.upper() not in READ_METHODS and key.role != "admin":
+    writes = method.upper() not in READ_METHODS if changes is None else changes
+    if writes and key.role != "admin":
         return Decision(403, key, f"key {key.name!r} is read-only")
     return Decision(200, key)
 

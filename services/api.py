@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response, status
 from fastapi.exceptions import RequestValidationError
@@ -83,22 +84,40 @@ def unprocessable_model(exc: ValidationError, where: str = "body") -> RequestVal
     )
 
 
+# ``openapi_extra`` of a route that is not a GET but changes nothing (scoring, previews): a
+# read key may call it, and the OpenAPI document says so.
+READ_ONLY_KEY = "x-newsmon-read-only"
+READ_ONLY: dict[str, Any] = {READ_ONLY_KEY: True}
+
+
 def _guard(keys: list[ApiKey], limiter: RateLimiter) -> Callable[[Request], Awaitable[None]]:
-    async def check(request: Request) -> None:
-        if keys:
-            decision = authorize(keys, request.headers.get("authorization"), request.method)
-            if decision.status == 401:
-                raise HTTPException(401, decision.reason, headers={"WWW-Authenticate": "Bearer"})
-            if decision.status == 403:
-                raise HTTPException(403, decision.reason)
-            who = f"key:{decision.key.name}" if decision.key else "?"
-        else:
-            who = f"addr:{request.client.host if request.client else '?'}"
+    def limit(who: str) -> None:
         wait = limiter.acquire(who)
         if wait > 0:
             raise HTTPException(
                 429, "rate limit exceeded", headers={"Retry-After": str(math.ceil(wait))}
             )
+
+    async def check(request: Request) -> None:
+        address = request.client.host if request.client else "?"
+        if keys:
+            extra = getattr(request.scope.get("route"), "openapi_extra", None) or {}
+            decision = authorize(
+                keys,
+                request.headers.get("authorization"),
+                request.method,
+                changes=False if extra.get(READ_ONLY_KEY) else None,
+            )
+            if decision.status == 401:
+                # Guessing keys costs tokens too: failures are limited per client address.
+                limit(f"failed:{address}")
+                raise HTTPException(401, decision.reason, headers={"WWW-Authenticate": "Bearer"})
+            if decision.status == 403:
+                raise HTTPException(403, decision.reason)
+            who = f"key:{decision.key.name}" if decision.key else "?"
+        else:
+            who = f"addr:{address}"
+        limit(who)
 
     return check
 

@@ -74,11 +74,15 @@ def build_parts(
         from newsmon.alerts import routes as alerts_routes
         from newsmon.alerts.service import AlertsService
         from newsmon.alerts.subscriptions import load_subscriptions
+        from newsmon.classify import store as classify_store
+
+        async def topic_slugs() -> list[str]:
+            # Topics are classify's; the database both share says which exist.
+            return [t.slug for t in await classify_store.load_topics(engine)]
 
         # The seeds file fills the subscription store on its first start only.
-        alerts = AlertsService(
-            settings, bus, engine, load_subscriptions(settings.subscriptions_file)
-        )
+        seeds = load_subscriptions(settings.subscriptions_file)
+        alerts = AlertsService(settings, bus, engine, seeds, topics=topic_slugs)
         parts.append(
             Part(
                 alerts,

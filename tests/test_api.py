@@ -10,7 +10,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from newsmon.access import ApiKey, RateLimiter, authorize
-from newsmon.api import build_app
+from newsmon.api import READ_ONLY, build_app
 from newsmon.settings import Settings
 
 ADMIN = ApiKey(name="ops", key="a" * 32, role="admin")
@@ -31,6 +31,10 @@ def echo_router() -> APIRouter:
     @router.post("/things")
     async def create(body: Echo) -> Echo:
         return body
+
+    @router.post("/things/score", openapi_extra=READ_ONLY)
+    async def score(body: Echo) -> int:
+        return len(body.text)
 
     return router
 
@@ -88,6 +92,28 @@ async def test_read_key_reads_but_may_not_write(client: httpx.AsyncClient) -> No
     assert "read-only" in response.json()["detail"]
     response = await client.post("/things", json={"text": "x"}, headers=bearer(ADMIN))
     assert response.status_code == 200
+
+
+async def test_read_key_may_post_to_routes_that_change_nothing(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.post("/things/score", json={"text": "abc"}, headers=bearer(READER))
+    assert response.status_code == 200 and response.json() == 3
+    assert (await client.post("/things/score", json={"text": "x"})).status_code == 401
+
+
+@pytest.mark.parametrize(
+    "client", [{"api_rate_per_minute": 60, "api_rate_burst": 3}], indirect=True
+)
+async def test_failed_key_attempts_are_rate_limited_per_client(client: httpx.AsyncClient) -> None:
+    guesses = [
+        await client.get("/things", headers={"Authorization": f"Bearer {'g' * 31}{i}"})
+        for i in range(5)
+    ]
+    assert [g.status_code for g in guesses] == [401, 401, 401, 429, 429]
+    assert int(guesses[-1].headers["retry-after"]) >= 1
+    # A real key has a bucket of its own.
+    assert (await client.get("/things", headers=bearer(ADMIN))).status_code == 200
 
 
 @pytest.mark.parametrize("client", [{"api_max_body_bytes": 2048}], indirect=True)

@@ -11,9 +11,16 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
+from prometheus_client import REGISTRY
 
+from newsmon.alerts.routes import build_router
+from newsmon.alerts.service import AlertsService
 from newsmon.alerts.subscriptions import Subscription
+from newsmon.api import build_app
+from newsmon.bus import MemoryBus
+from newsmon.settings import Settings
 from tests.test_alerts_delivery import Receiver, alerts, serve_receiver
 from tests.test_alerts_service import matched, message, until
 
@@ -84,7 +91,7 @@ async def test_the_ssrf_guard_refuses_at_registration(engine: Any) -> None:
             raise OSError("no such host")
         return names[host]
 
-    async with alerts(engine, resolver=resolver, webhook_allow_loopback=False) as (service, api):
+    async with alerts(engine, resolver=resolver, webhook_allow_loopback=False) as (_, api):
         for url, why in [
             ("http://127.0.0.1:8080/hook", "loopback"),
             ("http://2130706433/hook", "loopback"),
@@ -170,6 +177,59 @@ async def test_pause_resume_update_delete_and_test_events(engine: Any, receiver:
             assert (await call).status_code == 404
         history = (await api.get("/deliveries", params={"subscription_id": "s1"})).json()
         assert len(history) == 2  # the history stays
+
+
+async def test_subscriptions_name_only_topics_that_exist(engine: Any) -> None:
+    async def catalogue() -> list[str]:
+        return ["fentanyl", "extradition"]
+
+    settings = Settings(api_rate_burst=10**6)
+    service = AlertsService(settings, MemoryBus(), engine, topics=catalogue)
+
+    async def ready() -> dict[str, bool]:
+        return {}
+
+    app = build_app([build_router(service)], ready, settings)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://alerts") as api:
+        for topics in (["border-migrashun"], ["FENTANYL"], ["fentanyl", "nope"]):
+            refused = await api.post("/subscriptions", json={"channel": "log", "topics": topics})
+            assert refused.status_code == 422, topics
+            [error] = refused.json()["detail"]
+            assert error["loc"] == ["body", "topics"]
+            assert "extradition, fentanyl" in error["msg"] and topics[-1] in error["msg"]
+        created = await api.post(
+            "/subscriptions", json={"id": "ok", "channel": "log", "topics": ["fentanyl"]}
+        )
+        assert created.status_code == 201
+        every = await api.post("/subscriptions", json={"channel": "log", "topics": []})
+        assert every.status_code == 201  # [] means every topic
+        moved = await api.patch("/subscriptions/ok", json={"topics": ["cartel-arrests"]})
+        assert moved.status_code == 422
+        assert (await api.get("/subscriptions/ok")).json()["topics"] == ["fentanyl"]
+
+
+async def test_test_events_count_in_no_delivery_metric(engine: Any, receiver: Receiver) -> None:
+    def samples() -> tuple[float | None, float | None]:
+        return (
+            REGISTRY.get_sample_value(
+                "newsmon_deliveries_total", {"channel": "webhook", "outcome": "delivered"}
+            ),
+            REGISTRY.get_sample_value("newsmon_end_to_end_seconds_count", {"channel": "webhook"}),
+        )
+
+    async with alerts(engine) as (_, api):
+        await api.post(
+            "/subscriptions", json={"id": "t1", "channel": "webhook", "url": receiver.url()}
+        )
+        before = samples()
+        queued = (await api.post("/subscriptions/t1/test")).json()["delivery_id"]
+
+        async def delivered() -> bool:
+            return (await api.get(f"/deliveries/{queued}")).json()["status"] == "delivered"
+
+        await until(delivered)
+        assert samples() == before
 
 
 async def test_the_seeds_file_is_loaded_on_the_first_start_only(engine: Any) -> None:

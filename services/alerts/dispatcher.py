@@ -20,6 +20,7 @@ from datetime import datetime
 from newsmon import metrics
 from newsmon.alerts.channels import Channel
 from newsmon.alerts.delivery_store import Delivery, DeliveryStore
+from newsmon.alerts.payload import TEST_EVENT
 from newsmon.alerts.policy import DEAD, decide, digest_period
 from newsmon.alerts.subscription_store import SubscriptionStore
 from newsmon.alerts.subscriptions import Subscription
@@ -208,13 +209,20 @@ class Dispatcher:
 
 
 def _count(channel: str, status: str, delivered: bool, rows: list[Delivery]) -> None:
-    """Metrics of one attempt: its outcome, and for a delivery, the time since the fetch."""
+    """Metrics of one attempt: its outcome, and for a delivery, the time since the fetch.
+
+    Test events an operator asked for are no news: they count nowhere.
+    """
+    payloads = [json.loads(row.payload) for row in rows]
+    news = [p for p in payloads if p["type"] != TEST_EVENT]
+    if not news:
+        return
     outcome = "delivered" if delivered else ("dead" if status == DEAD else "retry")
-    metrics.DELIVERIES.labels(channel, outcome).inc(len(rows))
+    metrics.DELIVERIES.labels(channel, outcome).inc(len(news))
     if delivered:
         now = utcnow()
-        for row in rows:
-            fetched_at = json.loads(row.payload)["data"]["article"].get("fetched_at")
+        for payload in news:
+            fetched_at = payload["data"]["article"].get("fetched_at")
             if fetched_at:
                 age = (now - datetime.fromisoformat(fetched_at)).total_seconds()
                 metrics.END_TO_END.labels(channel).observe(age)

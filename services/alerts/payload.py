@@ -11,10 +11,12 @@ import uuid
 from newsmon.events import Article, ArticleMatched, Evidence, TopicScore, utcnow
 
 PAYLOAD_VERSION = 1
+MATCHED_EVENT = "article.matched"
+TEST_EVENT = "subscription.test"
 
 
 def build_payload(
-    subscription_id: str, event: ArticleMatched, score: TopicScore, *, kind: str = "article.matched"
+    subscription_id: str, event: ArticleMatched, score: TopicScore, *, kind: str = MATCHED_EVENT
 ) -> bytes:
     """The JSON body of one alert (Standard Webhooks shape: type, timestamp, data)."""
     article = event.article

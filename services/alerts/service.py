@@ -12,7 +12,7 @@ import dataclasses
 import hmac
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import datetime, timedelta
 
 import httpx
@@ -23,7 +23,7 @@ from newsmon.alerts.channels import Channel, LogChannel
 from newsmon.alerts.delivery_store import DeliveryFilter, DeliveryStore, NewDelivery, delivery_id
 from newsmon.alerts.dispatcher import Dispatcher
 from newsmon.alerts.mail import EmailChannel
-from newsmon.alerts.payload import build_payload, test_event
+from newsmon.alerts.payload import MATCHED_EVENT, TEST_EVENT, build_payload, test_event
 from newsmon.alerts.policy import digest_period, next_digest_at
 from newsmon.alerts.schemas import AttemptPublic, DeliveryDetail, DeliveryPublic
 from newsmon.alerts.signing import new_secret
@@ -71,6 +71,11 @@ class Conflict(ValueError):
     """The request contradicts the state (an id taken, a secret for a channel without one)."""
 
 
+# The slugs of the topics that exist, for checking subscriptions: classify owns topics, and the
+# runner, which sees both services, says where to look them up.
+TopicCatalogue = Callable[[], Awaitable[Collection[str]]]
+
+
 class AlertsService:
     name = "alerts"
 
@@ -83,8 +88,10 @@ class AlertsService:
         *,
         client: httpx.AsyncClient | None = None,
         resolver: Resolver = system_resolver,
+        topics: TopicCatalogue | None = None,
     ) -> None:
         self.settings = settings
+        self._topics = topics
         self.subscriptions = SubscriptionStore(engine)
         self.deliveries = DeliveryStore(engine)
         self._resolver = resolver
@@ -164,7 +171,7 @@ class AlertsService:
         sub: Subscription,
         event: ArticleMatched,
         score: TopicScore,
-        kind: str = "article.matched",
+        kind: str = MATCHED_EVENT,
     ) -> NewDelivery:
         settings = self.settings
         period = digest_period(
@@ -199,6 +206,17 @@ class AlertsService:
         except UnsafeURL as exc:
             raise Invalid([("url", str(exc))]) from exc
 
+    async def _check_topics(self, topics: Sequence[str] | None) -> None:
+        if not topics or self._topics is None:
+            return
+        known = set(await self._topics())
+        unknown = [t for t in topics if t not in known]
+        if unknown:
+            listed = ", ".join(sorted(known)) or "none yet"
+            raise Invalid(
+                [("topics", f"unknown topic(s) {', '.join(unknown)}; the topics are: {listed}")]
+            )
+
     async def list_subscriptions(self) -> list[SubscriptionPublic]:
         await self.ensure_seeded()
         return [_public(s) for s in await self.subscriptions.subscriptions()]
@@ -212,6 +230,7 @@ class AlertsService:
         problems = channel_problems(body.channel, body.url, body.email, body.mode)
         if problems:
             raise Invalid(problems)
+        await self._check_topics(body.topics)
         await self._check_url(body.url)
         sub = Subscription(
             id=body.id or new_subscription_id(),
@@ -239,6 +258,7 @@ class AlertsService:
             problems.append(("body", "topics, min_score and mode cannot be null"))
         if problems:
             raise Invalid(problems)
+        await self._check_topics(changes.get("topics"))
         await self._check_url(changes.get("url"))
         return await self._update(sub_id, **changes)
 
@@ -292,7 +312,7 @@ class AlertsService:
         """Queue a test alert for ``sub_id`` (sent at once, digest or not); returns its id."""
         sub = await self._found(sub_id)
         event, score = test_event()
-        row = self._new_delivery(sub, event, score, kind="subscription.test")
+        row = self._new_delivery(sub, event, score, kind=TEST_EVENT)
         await self.deliveries.add([dataclasses.replace(row, not_before=None)])
         self.wake()
         return row.id

@@ -14,7 +14,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Response, status
 from pydantic import ValidationError
 
-from newsmon.api import unprocessable, unprocessable_model
+from newsmon.api import READ_ONLY, unprocessable, unprocessable_model
 from newsmon.classify.schemas import MatchPage, Preview, ScoreRequest, ScoreResponse
 from newsmon.classify.service import ClassifyService, TopicNotFound
 from newsmon.classify.store import TopicConflict
@@ -72,7 +72,7 @@ def build_router(service: ClassifyService) -> APIRouter:
     async def disable_topic(slug: str) -> Topic:
         return await answer(service.set_enabled(slug, False))
 
-    @router.post("/topics/{slug}/preview")
+    @router.post("/topics/{slug}/preview", openapi_extra=READ_ONLY)
     async def preview_topic(
         slug: str,
         draft: TopicUpdate,
@@ -91,7 +91,7 @@ def build_router(service: ClassifyService) -> APIRouter:
         except ValidationError as exc:
             raise unprocessable_model(exc) from exc
 
-    @router.post("/score")
+    @router.post("/score", openapi_extra=READ_ONLY)
     async def score(request: ScoreRequest) -> ScoreResponse:
         """Score a title and text against every enabled topic, with the evidence of each."""
         return await service.score(request)
