@@ -12,8 +12,9 @@ WORKDIR /app
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 COPY pyproject.toml README.md ./
 COPY services ./services
-RUN pip install .
+# The seeds are part of the package (newsmon.seeds): newsmon finds them from any directory.
 COPY seeds ./seeds
+RUN pip install .
 
 RUN useradd --system --home /app newsmon && mkdir -p /data && chown newsmon /data
 USER newsmon

@@ -9,10 +9,19 @@ import sys
 from pathlib import Path
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from newsmon.bus import BusError
 from newsmon.logs import configure_logging
 from newsmon.settings import Settings
+
+
+def _setting(loc: tuple[int | str, ...]) -> str:
+    """A settings error's field as the variable that sets it: ``NEWSMON_FEEDS_FILE``."""
+    if not loc:
+        return "settings"
+    head = f"NEWSMON_{str(loc[0]).upper()}"
+    return ".".join([head, *map(str, loc[1:])])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,9 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(**overrides)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
+            f"{_setting(e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False)
         )
         parser.exit(2, f"newsmon: invalid settings: {problems}\n")
+    except SettingsError as exc:
+        # A value the environment holds that is not even JSON (NEWSMON_API_KEYS, lists).
+        cause = f": {exc.__cause__}" if exc.__cause__ else ""
+        parser.exit(2, f"newsmon: invalid settings: {exc}{cause}\n")
     configure_logging(settings.log_level, settings.log_format)
     if args.command in ("score", "migrate"):
         from newsmon.migrate import migrate_url

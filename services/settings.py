@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import ipaddress
+from importlib.resources import files
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AfterValidator, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from newsmon.access import ApiKey
+
+
+# The seeds shipped in the package (``seeds/`` in the source tree), whatever the directory.
+SEEDS = Path(str(files("newsmon.seeds")))
+
+
+def _existing_file(path: Path) -> Path:
+    if not path.is_file():
+        raise ValueError(f"no such file: {str(path)!r} (relative to {str(Path.cwd())!r})")
+    return path
+
+
+SeedsFile = Annotated[Path, AfterValidator(_existing_file)]
 
 
 class Settings(BaseSettings):
@@ -35,9 +49,10 @@ class Settings(BaseSettings):
     api_rate_burst: int = Field(60, ge=1)
     api_max_body_bytes: int = Field(1024 * 1024, ge=1024)
 
-    feeds_file: Path = Path("seeds/feeds.toml")
-    topics_file: Path = Path("seeds/topics.toml")
-    subscriptions_file: Path = Path("seeds/subscriptions.toml")
+    # Read on the first start only, to fill an empty database.
+    feeds_file: SeedsFile = Field(SEEDS / "feeds.toml", validate_default=True)
+    topics_file: SeedsFile = Field(SEEDS / "topics.toml", validate_default=True)
+    subscriptions_file: SeedsFile = Field(SEEDS / "subscriptions.toml", validate_default=True)
 
     # ingest
     poll_interval_s: float = Field(600.0, gt=0, description="default seconds between polls")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,29 @@ def test_score_command_writes_one_line_per_input_in_order(tmp_path: Path) -> Non
     assert lines[1]["error"].startswith("line 2: not JSON")
     assert lines[2]["matches"] == []
     assert b"3 articles scored with 4 topics" in result.stderr
+
+
+def test_score_from_any_directory_on_a_fresh_database_then_the_service_starts(
+    tmp_path: Path,
+) -> None:
+    """Outside the checkout, with no settings: the packaged seeds, the migrated schema."""
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"id": "a", "title": "Fentanyl pills seized at the border"}))
+
+    def newsmon(*args: str) -> subprocess.CompletedProcess[bytes]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSMON_")}
+        return subprocess.run(
+            [sys.executable, "-m", "newsmon.cli", *args],
+            capture_output=True, cwd=tmp_path, env=env, timeout=300, check=False,
+        )  # fmt: skip
+
+    scored = newsmon("score", str(source), "-o", str(tmp_path / "out.jsonl"))
+    assert scored.returncode == 0, scored.stderr
+    [line] = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert line["matches"] == ["fentanyl"]
+    # What `newsmon run` does first, on the database `score` just made: nothing to create twice.
+    migrated = newsmon("migrate")
+    assert migrated.returncode == 0, migrated.stderr
 
 
 @pytest.mark.parametrize(("backend", "min_cosine"), [("onnx", 0.9999), ("onnx-int8", 0.85)])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.helpers import ROOT, free_port
 
 
 def newsmon(*args: str, env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
@@ -68,6 +68,25 @@ def test_run_serves_the_api_shows_alerts_and_stops_cleanly_on_sigterm(tmp_path: 
     for slug in ("fentanyl", "cartel-arrests", "extradition", "us-mexico-summit"):
         assert f"ALERT [{slug}]" in text, text
     assert "newsmon stopped" in text
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"NEWSMON_API_KEYS": '[{"name": "ops", "key"'}, "api_keys"),
+        ({"NEWSMON_API_KEYS": '[{"name": "ops", "key": "short", "role": "admin"}]'}, "API_KEYS"),
+        ({"NEWSMON_FEEDS_FILE": "missing/feeds.toml"}, "NEWSMON_FEEDS_FILE"),
+    ],
+)
+def test_bad_settings_are_one_clear_line_not_a_traceback(
+    tmp_path: Path, env: dict[str, str], names: str
+) -> None:
+    process = newsmon("migrate", env=env, cwd=tmp_path)
+    output, _ = process.communicate(timeout=60)
+    text = output.decode()
+    assert process.returncode == 2, text
+    assert "Traceback" not in text and names in text
+    assert text.strip().count("\n") == 0, text
 
 
 def test_a_single_service_refuses_the_memory_bus(tmp_path: Path) -> None:
