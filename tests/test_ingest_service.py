@@ -13,60 +13,16 @@ import pytest
 
 from newsmon.bus import BusError, MemoryBus, Message
 from newsmon.events import ARTICLES_FETCHED, ArticleFetched
-from newsmon.ingest.feeds import FeedCreate, FeedPublic, FeedSpec
-from newsmon.ingest.service import IngestService
-from newsmon.settings import Settings
-from tests.conftest import LoopbackServer, Reply, free_port
-
-
-def rss(*guids: str, title: str = "Feed") -> bytes:
-    items = "".join(
-        f"<item><title>Story {g}</title><guid isPermaLink='false'>{g}</guid>"
-        f"<link>https://news.example/{g}</link><description>About {g}.</description></item>"
-        for g in guids
-    )
-    return (
-        f'<?xml version="1.0" encoding="utf-8"?><rss version="2.0"><channel><title>{title}</title>'
-        f"<link>https://news.example/</link>{items}</channel></rss>"
-    ).encode()
-
-
-RSS_HEADERS = {"content-type": "application/rss+xml; charset=utf-8"}
-
-
-def settings(**overrides: Any) -> Settings:
-    return Settings(**{"fetch_timeout_s": 5, "parse_workers": 0, **overrides})
-
-
-@asynccontextmanager
-async def ingest(
-    engine: Any, bus: MemoryBus, urls: list[str], **overrides: Any
-) -> AsyncIterator[IngestService]:
-    """The service with ``urls`` registered: seeded on a fresh database, added after that."""
-    service = IngestService(settings(**overrides), bus, engine, [FeedSpec(url=u) for u in urls])
-    try:
-        await service.start()
-        registered = {f.url for f in await service.feeds()}
-        for url in urls:
-            if url not in registered:
-                await service.add_feed(FeedCreate(url=url))
-        yield service
-    finally:
-        await service.close()  # run() closes it; burst mode (poll_once) leaves it to us
-
-
-async def drain(bus: MemoryBus, group: str = "test") -> list[Message]:
-    messages: list[Message] = []
-    async with bus.consumer([ARTICLES_FETCHED], group) as consumer:
-        while batch := await consumer.poll(100, 0.05):
-            messages.extend(batch)
-        await consumer.commit()
-    return messages
-
-
-async def status_of(service: IngestService, url: str) -> FeedPublic:
-    return next(s for s in await service.feeds() if s.url == url)
-
+from tests.helpers import (
+    RSS_HEADERS,
+    LoopbackServer,
+    Reply,
+    drain,
+    free_port,
+    ingest,
+    rss,
+    status_of,
+)
 
 # Publishing -------------------------------------------------------------------------------------
 
@@ -367,3 +323,22 @@ async def test_a_bus_outage_fails_the_poll_not_the_service_and_loses_nothing(
             "Story b",
         ]
         assert (await status_of(service, url)).last_error is None
+
+
+async def test_articles_name_the_feed_as_the_operator_registered_it(
+    engine: Any, http_server: LoopbackServer
+) -> None:
+    from newsmon.ingest.feeds import FeedCreate
+
+    http_server.routes["/titled"] = Reply(200, rss("t1", title="Publisher's Own"), RSS_HEADERS)
+    http_server.routes["/untitled"] = Reply(200, rss("u1", title="Publisher's Own"), RSS_HEADERS)
+    bus = MemoryBus()
+    async with ingest(engine, bus, []) as service:
+        await service.add_feed(FeedCreate(url=http_server.url("/titled"), title="Desk: Mexico"))
+        await service.add_feed(FeedCreate(url=http_server.url("/untitled")))
+        await service.poll_once()
+        titles = {
+            e.article.title: e.article.feed_title
+            for e in (ArticleFetched.decode(m.value) for m in await drain(bus))
+        }
+    assert titles == {"Story t1": "Desk: Mexico", "Story u1": "Publisher's Own"}

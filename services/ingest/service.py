@@ -261,8 +261,12 @@ class IngestService:
             return await failed(f"{url}: parser failed: {type(exc).__name__}: {exc}", None)
         if parsed.warning:
             log.info("feed %s parsed with a warning: %s", url, parsed.warning)
+        articles = parsed.articles
+        if record.title:
+            # Alerts name the feed as the operator registered it, not as it calls itself.
+            articles = [a.model_copy(update={"feed_title": record.title}) for a in articles]
         try:
-            new_items = await self._publish_new(url, parsed.articles)
+            new_items = await self._publish_new(url, articles)
         except BusError as exc:
             # The broker is away: nothing was marked seen, so the next poll publishes it all.
             # The process stays up (/readyz says the bus is down) rather than dying with it.
