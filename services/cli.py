@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         if settings.bus_url.startswith("memory:"):
             parser.error(
                 f"'newsmon {args.command}' runs one service alone and needs a shared bus: "
-                "set NEWSMON_BUS_URL=kafka://host:port (or use 'newsmon run')"
+                "set NEWSMON_BUS_URL=kafka://host:port, or database:// on a database the "
+                "other services share (or use 'newsmon run')"
             )
 
     from newsmon.runner import serve

@@ -25,12 +25,14 @@ _LOCK_KEY = 0x6E65_7773_6D6F_6E  # "newsmon"
 
 
 def target_metadata() -> list[MetaData]:
-    """Every service's tables. Like the runner, this module sees all three services."""
+    """Every service's tables, and the database bus's. Like the runner, this module sees all
+    three services."""
     from newsmon.alerts.tables import metadata as alerts
+    from newsmon.bus._backends.database import metadata as bus
     from newsmon.classify.store import metadata as classify
     from newsmon.ingest.store import metadata as ingest
 
-    return [ingest, classify, alerts]
+    return [ingest, classify, alerts, bus]
 
 
 def alembic_config(connection: Connection | None = None) -> Config:

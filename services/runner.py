@@ -108,16 +108,16 @@ async def serve(
 
     Without a ``stop`` event of the caller's, SIGINT and SIGTERM set one.
     """
-    bus = open_bus(settings.bus_url, client_id="newsmon-" + "-".join(roles))
     engine = open_engine(settings.database_url)
+    bus = open_bus(settings.bus_url, client_id="newsmon-" + "-".join(roles), engine=engine)
     if stop is None:
         stop = asyncio.Event()
         _install_signal_handlers(stop)
     try:
         parts = await asyncio.to_thread(build_parts, settings, bus, engine, roles)
         services = [part.service for part in parts]
+        await migrate(engine)  # first: the database bus keeps its log in the schema
         await bus.start()
-        await migrate(engine)
 
         async def readiness() -> dict[str, bool]:
             return {

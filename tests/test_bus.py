@@ -4,17 +4,50 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from newsmon.bus import Bus, BusError, MemoryBus, Message, open_bus
+from newsmon.db import open_engine
+from newsmon.migrate import migrate, target_metadata
 from tests.conftest import Broker
 
 
-@pytest.fixture(params=["memory", pytest.param("kafka", marks=pytest.mark.kafka)])
+async def database_engine(request: pytest.FixtureRequest, kind: str) -> Any:
+    """A migrated database for the database bus: a fresh SQLite file, or PostgreSQL emptied."""
+    if kind == "sqlite":
+        tmp_path: Path = request.getfixturevalue("tmp_path")
+        engine = open_engine(f"sqlite+aiosqlite:///{tmp_path / 'bus.db'}")
+    else:
+        engine = open_engine(request.getfixturevalue("postgres_url"))
+        async with engine.begin() as conn:
+            await conn.execute(
+                text("DROP TABLE IF EXISTS bus_messages, bus_offsets, alembic_version CASCADE")
+            )
+            for metadata in target_metadata():
+                await conn.run_sync(metadata.drop_all)
+    await migrate(engine)
+    return engine
+
+
+@pytest.fixture(
+    params=[
+        "memory",
+        "database-sqlite",
+        pytest.param("database-postgres", marks=pytest.mark.postgres),
+        pytest.param("kafka", marks=pytest.mark.kafka),
+    ]
+)
 async def bus(request: pytest.FixtureRequest) -> AsyncIterator[Bus]:
+    engine = None
     if request.param == "memory":
         instance: Bus = MemoryBus()
+    elif request.param.startswith("database"):
+        engine = await database_engine(request, request.param.removeprefix("database-"))
+        instance = open_bus("database://?poll_interval_s=0.05", engine=engine)
     else:
         broker: Broker = request.getfixturevalue("kafka")
         instance = open_bus(broker.url + "?partitions=2")
@@ -22,6 +55,8 @@ async def bus(request: pytest.FixtureRequest) -> AsyncIterator[Bus]:
     await instance.ensure_topics(["contract"])
     yield instance
     await instance.close()
+    if engine is not None:
+        await engine.dispose()
 
 
 async def drain(
@@ -73,6 +108,72 @@ async def test_poll_returns_empty_after_timeout_when_nothing_arrives() -> None:
         started = time.monotonic()
         assert await consumer.poll(10, timeout=0.2) == []
         assert 0.15 < time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_the_database_bus_keeps_what_it_accepted_across_a_restart(
+    request: pytest.FixtureRequest, kind: str
+) -> None:
+    engine = await database_engine(request, kind)
+    try:
+        first = open_bus("database://", engine=engine)
+        await first.start()
+        for i in range(5):
+            await first.publish("durable", f"d{i}".encode(), key="k", headers={"n": str(i)})
+        async with first.consumer(["durable"], "g") as consumer:
+            assert len(await consumer.poll(2, timeout=1)) == 2
+            await consumer.commit()  # d0, d1 processed
+            assert len(await consumer.poll(10, timeout=1)) == 3  # fetched, never committed
+        await first.close()  # as a process that stops (or dies) here
+
+        second = open_bus("database://", engine=engine)
+        await second.start()
+        async with second.consumer(["durable"], "g") as consumer:
+            again = await consumer.poll(10, timeout=1)
+            assert [m.value for m in again] == [b"d2", b"d3", b"d4"]
+            assert [m.headers["n"] for m in again] == ["2", "3", "4"]
+        await second.close()
+    finally:
+        await engine.dispose()
+
+
+async def test_the_database_bus_is_shared_by_processes_on_one_database(
+    request: pytest.FixtureRequest,
+) -> None:
+    engine = await database_engine(request, "sqlite")
+    other = open_engine(str(engine.url))  # another process: its own engine, no shared wake-up
+    publisher = open_bus("database://", engine=engine)
+    reader = open_bus("database://?poll_interval_s=0.05", engine=other)
+    try:
+        await publisher.start()
+        await reader.start()
+        async with reader.consumer(["shared"], "g") as consumer:
+            assert await consumer.poll(10, timeout=0.1) == []
+            started = time.monotonic()
+            await publisher.publish("shared", b"hello", key="k")
+            got = await consumer.poll(10, timeout=5)
+            assert [m.value for m in got] == [b"hello"]
+            assert time.monotonic() - started < 2  # seen on its next look, not at the timeout
+    finally:
+        await publisher.close()
+        await reader.close()
+        await engine.dispose()
+        await other.dispose()
+
+
+async def test_a_database_bus_that_was_not_started_refuses_to_publish(
+    request: pytest.FixtureRequest,
+) -> None:
+    engine = await database_engine(request, "sqlite")
+    try:
+        with pytest.raises(BusError, match="not started"):
+            await open_bus("database://", engine=engine).publish("t", b"x")
+        with pytest.raises(BusError, match="needs the database"):
+            open_bus("database://")
+        with pytest.raises(BusError, match="must be positive"):
+            open_bus("database://?poll_interval_s=0", engine=engine)
+    finally:
+        await engine.dispose()
 
 
 async def test_memory_group_takes_one_member_at_a_time() -> None:

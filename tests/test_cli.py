@@ -111,14 +111,14 @@ def test_an_unreachable_broker_exits_non_zero_with_a_clear_message(tmp_path: Pat
 
 STUBBORN = """
 import asyncio, logging
-from fastapi import APIRouter
 from newsmon import runner
 from newsmon.settings import Settings
 
 class Stubborn:
     name = "stubborn"
-    metadata = None
-    router = APIRouter()
+
+    def ready(self):
+        return True
 
     async def run(self, stop):
         await stop.wait()
@@ -126,7 +126,7 @@ class Stubborn:
         await asyncio.sleep(60)
 
 logging.basicConfig(level=logging.INFO)
-runner.build_services = lambda *args: [Stubborn()]
+runner.build_parts = lambda *args: [runner.Part(Stubborn(), [])]
 asyncio.run(runner.serve(Settings(), ["ingest"]))
 """
 
