@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
@@ -22,16 +23,32 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 SCHEMES = ("http", "https")
+MAX_URL_LENGTH = 2048
 CLOUD_METADATA = {
     ipaddress.ip_address("169.254.169.254"),  # AWS, GCP, Azure, OpenStack
     ipaddress.ip_address("fd00:ec2::254"),  # AWS over IPv6
+    ipaddress.ip_address("100.100.100.200"),  # Alibaba Cloud
 }
 CGNAT = ipaddress.ip_network("100.64.0.0/10")
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# What ``allow_private`` admits besides loopback: the ranges a local network is numbered from.
+# Python's ``is_private`` also covers documentation, benchmarking and other special-purpose
+# ranges, which no feed lives in.
+PRIVATE_RANGES = [
+    ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+]
+# A label as DNS carries it (after IDNA), with the underscore some real names use.
+_LABEL = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class UnsafeURL(ValueError):
-    """A URL newsmon refuses to send to: bad scheme, no host, or a forbidden address."""
+    """A URL newsmon refuses to send to: bad scheme, bad host, or a forbidden address.
+
+    ``url`` is set by :class:`GuardedTransport` to the request it refused, which may be a
+    redirect's rather than the one the caller asked for.
+    """
+
+    url: str | None = None
 
 
 def parse_host(host: str) -> IPAddress | None:
@@ -69,19 +86,31 @@ def parse_host(host: str) -> IPAddress | None:
     return ipaddress.IPv4Address(number)
 
 
-def refusal(address: IPAddress, *, allow_loopback: bool = False) -> str | None:
-    """Why a webhook may not be sent to ``address``; None when it may."""
+def refusal(
+    address: IPAddress, *, allow_loopback: bool = False, allow_private: bool = False
+) -> str | None:
+    """Why newsmon may not connect to ``address``; None when it may.
+
+    ``allow_loopback`` admits loopback; ``allow_private`` admits loopback and the private
+    ranges too. Neither admits cloud metadata, link-local, or any other special address.
+    """
     if isinstance(address, ipaddress.IPv6Address):
-        embedded = address.ipv4_mapped or (
+        # A mapped or NAT64 address is its IPv4 address. 6to4 and Teredo tunnel to the IPv4
+        # addresses they embed: those must pass, and then the IPv6 address itself.
+        translated = address.ipv4_mapped or (
             ipaddress.IPv4Address(int(address) & 0xFFFFFFFF) if address in NAT64 else None
         )
-        if embedded is not None:
-            why = refusal(embedded, allow_loopback=allow_loopback)
-            return f"{why} (IPv4 {embedded} inside IPv6)" if why else None
+        tunnelled = [a for a in (address.sixtofour, *(address.teredo or ())) if a is not None]
+        for embedded in [translated] if translated is not None else tunnelled:
+            why = refusal(embedded, allow_loopback=allow_loopback, allow_private=allow_private)
+            if why:
+                return f"{why} (IPv4 {embedded} inside IPv6)"
+        if translated is not None:
+            return None
     if address in CLOUD_METADATA:
         return "a cloud metadata address"
     if address.is_loopback:
-        return None if allow_loopback else "a loopback address"
+        return None if allow_loopback or allow_private else "a loopback address"
     if address.is_unspecified:
         return "the unspecified address"
     if address.is_link_local:
@@ -93,6 +122,8 @@ def refusal(address: IPAddress, *, allow_loopback: bool = False) -> str | None:
     if address.is_reserved:
         return "a reserved address"
     if address.is_private:
+        if allow_private and any(address in net for net in PRIVATE_RANGES):
+            return None
         return "a private address"
     if not address.is_global:
         return "a reserved address"
@@ -110,7 +141,28 @@ def split_url(url: str) -> tuple[str, str, int]:
         raise UnsafeURL(f"scheme must be http or https, not {parts.scheme or 'none'!r}")
     if not parts.hostname:
         raise UnsafeURL("URL has no host")
+    if parse_host(parts.hostname) is None:
+        _check_host_name(parts.hostname)
     return parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80)
+
+
+def _check_host_name(host: str) -> None:
+    """Refuse a name DNS cannot carry, before the resolver's IDNA step raises on it."""
+    labels = host.removesuffix(".").split(".")  # one trailing dot names the root
+    if not all(labels):
+        raise UnsafeURL("host name has an empty label")
+    encoded = []
+    for label in labels:
+        try:
+            encoded.append(label if label.isascii() else label.encode("idna").decode("ascii"))
+        except UnicodeError:  # a character IDNA forbids, or too long once encoded
+            raise UnsafeURL("not a valid host name") from None
+    if any(len(label) > 63 for label in encoded):
+        raise UnsafeURL("host name has a label longer than 63 characters")
+    if len(".".join(encoded)) > 253:
+        raise UnsafeURL("host name longer than 253 characters")
+    if not all(_LABEL.fullmatch(label) for label in encoded):
+        raise UnsafeURL("not a valid host name")
 
 
 async def system_resolver(host: str, port: int) -> list[str]:
@@ -119,7 +171,11 @@ async def system_resolver(host: str, port: int) -> list[str]:
 
 
 async def check_url(
-    url: str, *, resolver: Resolver = system_resolver, allow_loopback: bool = False
+    url: str,
+    *,
+    resolver: Resolver = system_resolver,
+    allow_loopback: bool = False,
+    allow_private: bool = False,
 ) -> IPAddress:
     """The address to connect to for ``url``, after checking every address its host has."""
     _, host, port = split_url(url)
@@ -129,14 +185,14 @@ async def check_url(
     else:
         try:
             found = await resolver(host, port)
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:
             raise UnsafeURL(f"host {host!r} does not resolve: {exc}") from exc
         addresses = [ipaddress.ip_address(a.split("%", 1)[0]) for a in found]
         if not addresses:
             raise UnsafeURL(f"host {host!r} does not resolve")
     # Every address must pass: a name with one public and one private address is refused.
     for address in addresses:
-        why = refusal(address, allow_loopback=allow_loopback)
+        why = refusal(address, allow_loopback=allow_loopback, allow_private=allow_private)
         if why:
             shown = host if str(address) == host.strip("[]") else f"{host} ({address})"
             raise UnsafeURL(f"refused: {shown} is {why}")
@@ -146,8 +202,10 @@ async def check_url(
 class GuardedTransport(httpx.AsyncBaseTransport):
     """Checks each request's destination, then connects to the checked address.
 
-    The URL's host is replaced by the address; the ``Host`` header keeps the name, and for
-    https the TLS server name (SNI) and certificate check use the name too.
+    The request sent carries the address in its URL; the ``Host`` header keeps the name, and
+    for https the TLS server name (SNI) and certificate check use the name too. The caller's
+    request is left as it was: a client following a relative redirect joins it to the name, so
+    the next hop is looked up and checked in its turn.
     """
 
     def __init__(
@@ -155,23 +213,38 @@ class GuardedTransport(httpx.AsyncBaseTransport):
         *,
         resolver: Resolver = system_resolver,
         allow_loopback: bool = False,
+        allow_private: bool = False,
         limits: httpx.Limits | None = None,
     ) -> None:
         self._resolver = resolver
         self._allow_loopback = allow_loopback
-        self._inner = httpx.AsyncHTTPTransport(
+        self._allow_private = allow_private
+        self._inner: httpx.AsyncBaseTransport = httpx.AsyncHTTPTransport(
             limits=limits or httpx.Limits(), trust_env=False, retries=0
         )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        host = request.url.host
-        address = await check_url(
-            str(request.url), resolver=self._resolver, allow_loopback=self._allow_loopback
-        )
-        request.url = request.url.copy_with(host=str(address))
+        try:
+            address = await check_url(
+                str(request.url),
+                resolver=self._resolver,
+                allow_loopback=self._allow_loopback,
+                allow_private=self._allow_private,
+            )
+        except UnsafeURL as exc:
+            exc.url = str(request.url)
+            raise
+        extensions = dict(request.extensions)
         if request.url.scheme == "https":
-            request.extensions = {**request.extensions, "sni_hostname": host}
-        return await self._inner.handle_async_request(request)
+            extensions["sni_hostname"] = request.url.host
+        checked = httpx.Request(
+            request.method,
+            request.url.copy_with(host=str(address)),
+            headers=request.headers,
+            stream=request.stream,
+            extensions=extensions,
+        )
+        return await self._inner.handle_async_request(checked)
 
     async def aclose(self) -> None:
         await self._inner.aclose()

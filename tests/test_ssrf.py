@@ -3,13 +3,18 @@ forbidden addresses, and the transport that connects only to the address it chec
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
+from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from newsmon.ssrf import GuardedTransport, UnsafeURL, check_url, parse_host, refusal
-from tests.conftest import LoopbackServer, Reply
+from newsmon.ssrf import GuardedTransport, UnsafeURL, check_url, parse_host, refusal, split_url
+from tests.helpers import LoopbackServer, Reply, alerts
 
 REFUSED = [
     ("127.0.0.1", "loopback"),
@@ -36,6 +41,12 @@ REFUSED = [
     ("::ffff:10.0.0.1", "private"),
     ("::ffff:169.254.169.254", "cloud metadata"),
     ("64:ff9b::a9fe:a9fe", "cloud metadata"),  # NAT64 of 169.254.169.254
+    ("2002:7f00:1::", "loopback"),  # 6to4 of 127.0.0.1
+    ("2002:a9fe:a9fe::1", "cloud metadata"),  # 6to4 of 169.254.169.254
+    ("2002:a00:1::", "private"),  # 6to4 of 10.0.0.1
+    ("2001:0:4136:e378:8000:63bf:5601:5601", "cloud metadata"),  # Teredo, client 169.254.169.254
+    ("2001:0:7f00:1:8000:63bf:bfff:fdd2", "loopback"),  # Teredo, server 127.0.0.1
+    ("100.100.100.200", "cloud metadata"),  # Alibaba Cloud
 ]
 
 
@@ -45,7 +56,9 @@ def test_forbidden_addresses_are_refused_with_a_reason(address: str, why: str) -
     assert reason is not None and why in reason
 
 
-@pytest.mark.parametrize("address", ["93.184.215.14", "8.8.8.8", "2606:4700::1111", "100.128.0.1"])
+@pytest.mark.parametrize(
+    "address", ["93.184.215.14", "8.8.8.8", "2606:4700::1111", "100.128.0.1", "2002:808:808::1"]
+)
 def test_public_addresses_pass(address: str) -> None:
     assert refusal(ipaddress.ip_address(address)) is None
 
@@ -55,6 +68,29 @@ def test_the_allowlist_admits_loopback_only() -> None:
     assert refusal(ipaddress.ip_address("::ffff:127.0.0.1"), allow_loopback=True) is None
     assert refusal(ipaddress.ip_address("10.0.0.1"), allow_loopback=True) is not None
     assert refusal(ipaddress.ip_address("169.254.169.254"), allow_loopback=True) is not None
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["127.0.0.1", "::1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "fd12:3456::1",
+     "::ffff:192.168.1.1", "2002:a00:1::"],
+)  # fmt: skip
+def test_the_private_allowlist_admits_loopback_and_private_ranges(address: str) -> None:
+    assert refusal(ipaddress.ip_address(address), allow_private=True) is None
+
+
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [("169.254.169.254", "cloud metadata"), ("fd00:ec2::254", "cloud metadata"),
+     ("::ffff:169.254.169.254", "cloud metadata"), ("64:ff9b::a9fe:a9fe", "cloud metadata"),
+     ("2002:a9fe:a9fe::", "cloud metadata"), ("2001:0:4136:e378:8000:63bf:5601:5601", "cloud metadata"),
+     ("100.100.100.200", "cloud metadata"), ("169.254.170.2", "link-local"),
+     ("fe80::1", "link-local"), ("0.0.0.0", "unspecified"), ("100.64.0.1", "carrier-grade NAT"),
+     ("224.0.0.1", "multicast"), ("240.0.0.1", "reserved")],
+)  # fmt: skip
+def test_the_private_allowlist_still_refuses_metadata_and_the_rest(address: str, why: str) -> None:
+    reason = refusal(ipaddress.ip_address(address), allow_private=True)
+    assert reason is not None and why in reason
 
 
 @pytest.mark.parametrize(
@@ -96,6 +132,91 @@ async def test_literal_urls_are_refused_without_a_lookup(url: str) -> None:
 async def test_other_schemes_and_broken_urls_are_refused(url: str, message: str) -> None:
     with pytest.raises(UnsafeURL, match=message):
         await check_url(url, resolver=no_dns)
+
+
+LONG_LABEL = "a" * 64 + ".example.com"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [(f"http://{LONG_LABEL}/hook", "longer than 63"),
+     (f"https://{'a' * 63}.{'b' * 63}.{'c' * 63}.{'d' * 63}.example/", "longer than 253"),
+     ("http://a..example.com/", "empty label"), ("http://.example.com/", "empty label"),
+     ("http://exa\x00mple.com/", "not a valid host name"),
+     ("http://exa\u202emple.com/", "not a valid host name"),
+     ("http://exa mple.com/", "not a valid host name"),
+     ("http://exa%00mple.com/", "not a valid host name")],
+)  # fmt: skip
+async def test_malformed_host_names_are_refused_before_any_lookup(url: str, message: str) -> None:
+    with pytest.raises(UnsafeURL, match=message):
+        split_url(url)
+    with pytest.raises(UnsafeURL, match=message):
+        await check_url(url, resolver=no_dns)
+
+
+async def test_a_long_label_never_reaches_the_system_resolver() -> None:
+    """The resolver's IDNA step raised UnicodeError on this, a 500 from the API."""
+    with pytest.raises(UnsafeURL, match="longer than 63"):
+        await check_url(f"http://{LONG_LABEL}/hook")
+
+
+async def test_names_that_pass_are_still_looked_up() -> None:
+    resolver = table({"bücher.example": ["93.184.215.14"], "_dmarc.example.": ["8.8.8.8"]})
+    assert str(await check_url("https://bücher.example/feed", resolver=resolver)) == "93.184.215.14"
+    assert str(await check_url("http://_dmarc.example./", resolver=resolver)) == "8.8.8.8"
+
+
+async def idna_resolver(host: str, port: int) -> list[str]:
+    """Encodes the name as the system resolver does before it asks DNS, and asks nothing."""
+    host.encode("idna")
+    return ["93.184.215.14"]
+
+
+_host_text = st.text(alphabet=st.sampled_from("ab-_.:[]%@0x\x00\u202e\u00e9\u3002 "), max_size=80)
+
+
+@settings(max_examples=400, derandomize=True, deadline=None, database=None)
+@given(
+    scheme=st.sampled_from(["http", "https", "ftp", "HTTP", ""]),
+    labels=st.lists(st.one_of(_host_text, st.integers(0, 70).map(lambda n: "a" * n)), max_size=6),
+    port=st.one_of(st.just(""), st.text(alphabet="0123456789:x-", max_size=7).map(":".__add__)),
+    rest=st.text(max_size=20),
+)
+def test_check_url_raises_nothing_but_unsafe_url(
+    scheme: str, labels: list[str], port: str, rest: str
+) -> None:
+    url = f"{scheme}://{'.'.join(labels)}{port}/{rest}"
+    with contextlib.suppress(UnsafeURL):
+        asyncio.run(check_url(url, resolver=idna_resolver))
+
+
+def test_webhook_urls_are_limited_to_2048_characters_and_valid_hosts() -> None:
+    from pydantic import ValidationError
+
+    from newsmon.alerts.subscriptions import SubscriptionCreate, SubscriptionUpdate
+
+    longest = "https://hooks.example/" + "p" * (2048 - len("https://hooks.example/"))
+    assert SubscriptionCreate(channel="webhook", url=longest).url == longest
+    assert SubscriptionUpdate(url=longest).url == longest
+    for url, message in [(longest + "p", "longer than 2048"), (f"http://{LONG_LABEL}/", "63")]:
+        with pytest.raises(ValidationError, match=message):
+            SubscriptionCreate(channel="webhook", url=url)
+        with pytest.raises(ValidationError, match=message):
+            SubscriptionUpdate(url=url)
+
+
+async def test_bad_webhook_hosts_are_a_422_not_a_500(engine: Any) -> None:
+    async with alerts(engine, resolver=no_dns, webhook_allow_loopback=False) as (_, api):
+        for url, message in [
+            (f"http://{LONG_LABEL}/hook", "longer than 63"),
+            ("http://hooks.example/" + "p" * 2048, "longer than 2048"),
+            ("http://[2002:7f00:1::]/hook", "loopback"),
+        ]:
+            response = await api.post("/subscriptions", json={"channel": "webhook", "url": url})
+            assert response.status_code == 422, response.text
+            (error,) = response.json()["detail"]
+            assert error["loc"][-1] == "url" and message in error["msg"], error
+        assert (await api.get("/subscriptions")).json() == []
 
 
 def table(mapping: dict[str, list[str]]):  # type: ignore[no-untyped-def]
@@ -160,8 +281,56 @@ async def test_the_transport_connects_to_the_checked_address_keeping_the_host_he
     resolver = table({"hooks.example.test": ["127.0.0.1"]})
     transport = GuardedTransport(resolver=resolver, allow_loopback=True)
     async with httpx.AsyncClient(transport=transport, trust_env=False) as client:
-        response = await client.post(f"http://hooks.example.test:{http_server.port}/hook")
+        response = await client.post(
+            f"http://hooks.example.test:{http_server.port}/hook", content=b'{"id": 1}'
+        )
     assert response.status_code == 204
+    assert response.request.url.host == "hooks.example.test"  # the caller's request, untouched
     assert resolver.calls == ["hooks.example.test"]  # type: ignore[attr-defined]
     (request,) = http_server.requests_to("/hook")
     assert request.headers["host"] == f"hooks.example.test:{http_server.port}"
+    assert request.body == b'{"id": 1}'
+
+
+async def test_every_redirect_hop_is_checked_before_it_is_sent() -> None:
+    """A public endpoint redirecting inwards: the hop is refused before any connection."""
+    sent: list[httpx.URL] = []
+    targets = iter([
+        "http://127.0.0.1:8080/admin", "http://169.254.169.254/latest/meta-data/",
+        "http://[::ffff:10.0.0.1]/", "http://0x7f000001/", "http://rebind.example.test/",
+        "file:///etc/passwd",
+    ])  # fmt: skip
+
+    def public_server(request: httpx.Request) -> httpx.Response:
+        sent.append(request.url)
+        return httpx.Response(302, headers={"location": next(targets)})
+
+    resolver = table(
+        {"public.example.test": ["93.184.215.14"], "rebind.example.test": ["10.0.0.5"]}
+    )
+    transport = GuardedTransport(resolver=resolver)
+    # Stands in for the public server behind the guard: nothing leaves this machine.
+    transport._inner = httpx.MockTransport(public_server)
+    async with httpx.AsyncClient(transport=transport, follow_redirects=True) as client:
+        for why in ["loopback", "cloud metadata", "private", "loopback", "private", "scheme"]:
+            with pytest.raises(UnsafeURL, match=why):
+                await client.get("http://public.example.test/feed")
+    assert [str(url) for url in sent] == ["http://93.184.215.14/feed"] * 6
+
+
+async def test_a_relative_redirect_is_checked_again_under_its_name(
+    http_server: LoopbackServer,
+) -> None:
+    """The transport must not rewrite the caller's request: a relative redirect is joined to the
+    name, looked up and checked again, and keeps the name in Host (and, for https, in SNI)."""
+    http_server.routes["/old"] = Reply(301, headers={"location": "/new"})
+    http_server.routes["/new"] = Reply(200, b"moved")
+    resolver = table({"feeds.example.test": ["127.0.0.1"]})
+    transport = GuardedTransport(resolver=resolver, allow_loopback=True)
+    async with httpx.AsyncClient(transport=transport, follow_redirects=True) as client:
+        response = await client.get(f"http://feeds.example.test:{http_server.port}/old")
+    assert response.content == b"moved"
+    assert response.url == f"http://feeds.example.test:{http_server.port}/new"
+    assert resolver.calls == ["feeds.example.test", "feeds.example.test"]  # type: ignore[attr-defined]
+    (moved,) = http_server.requests_to("/new")
+    assert moved.headers["host"] == f"feeds.example.test:{http_server.port}"

@@ -20,7 +20,7 @@ from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field,
 
 from newsmon.alerts.signing import decode_secret
 from newsmon.events import utcnow
-from newsmon.ssrf import UnsafeURL, split_url
+from newsmon.ssrf import MAX_URL_LENGTH, UnsafeURL, split_url
 
 Channel = Literal["webhook", "email", "log"]
 Mode = Literal["instant", "hourly", "daily"]
@@ -47,6 +47,12 @@ def _check_url(url: str) -> str:
     return url
 
 
+def _check_new_url(url: str) -> str:
+    if len(url) > MAX_URL_LENGTH:
+        raise ValueError(f"URL longer than {MAX_URL_LENGTH} characters")
+    return _check_url(url)
+
+
 def _check_email(email: str) -> str:
     if len(email) > 254 or not _EMAIL.match(email):
         raise ValueError("not an email address")
@@ -54,6 +60,8 @@ def _check_email(email: str) -> str:
 
 
 WebhookURL = Annotated[str, AfterValidator(_check_url)]
+# The API's limit is for URLs from now on: a longer one already stored must still load.
+NewWebhookURL = Annotated[str, AfterValidator(_check_new_url)]
 EmailAddress = Annotated[str, AfterValidator(_check_email)]
 
 
@@ -112,7 +120,7 @@ class SubscriptionCreate(BaseModel):
 
     id: str | None = Field(None, pattern=ID_PATTERN, description="generated when absent")
     channel: Channel
-    url: WebhookURL | None = Field(None, description="webhook endpoint, http or https")
+    url: NewWebhookURL | None = Field(None, description="webhook endpoint, http or https")
     email: EmailAddress | None = Field(None, description="recipient of an email subscription")
     topics: list[Slug] = Field(default_factory=list, description="topic slugs; empty means all")
     min_score: float = Field(0.0, ge=0.0, le=1.0)
@@ -122,7 +130,7 @@ class SubscriptionCreate(BaseModel):
 class SubscriptionUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: WebhookURL | None = None
+    url: NewWebhookURL | None = None
     email: EmailAddress | None = None
     topics: list[Slug] | None = None
     min_score: float | None = Field(None, ge=0.0, le=1.0)

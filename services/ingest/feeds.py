@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tomllib
+import unicodedata
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal
@@ -10,10 +11,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from newsmon.ssrf import MAX_URL_LENGTH
+
 MIN_INTERVAL_S = 60.0
 MAX_INTERVAL_S = 7 * 86_400.0
-MAX_URL_LENGTH = 2048
 MAX_TAGS = 20
+# Format characters a tag may hold: the joiners that spell Persian and Indic words and emoji
+# sequences. The rest (bidi controls, marks, soft hyphens) make a tag read as another.
+TAG_JOINERS = {"\u200c", "\u200d"}
 
 Interval = Field(
     None, ge=MIN_INTERVAL_S, le=MAX_INTERVAL_S, description="seconds between polls (60 to 604800)"
@@ -56,6 +61,9 @@ def _clean_tags(tags: list[str]) -> list[str]:
         tag = " ".join(tag.split()).lower()
         if not tag or len(tag) > 64:
             raise ValueError("each tag must be 1 to 64 characters")
+        for c in tag:
+            if unicodedata.category(c) in ("Cc", "Cf") and c not in TAG_JOINERS:
+                raise ValueError(f"tags may not hold control or format characters (U+{ord(c):04X})")
         if tag not in cleaned:
             cleaned.append(tag)
     if len(cleaned) > MAX_TAGS:

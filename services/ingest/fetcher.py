@@ -2,7 +2,8 @@
 
 httpx's timeouts apply per network operation, so a server trickling a byte a second could hold a
 fetch for hours; here one deadline covers connect, headers and the whole body, and the body is
-capped on decompressed bytes.
+capped on decompressed bytes. Every request, each redirect's included, goes through the SSRF
+guard, which refuses it before connecting: a refusal reads the same whether anything answers.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 import httpx
+
+from newsmon.ssrf import GuardedTransport, Resolver, UnsafeURL, system_resolver
 
 MAX_REDIRECTS = 5
 
@@ -85,6 +88,9 @@ async def fetch(
         raise FetchError(f"{url}: no complete response within {timeout:g} s") from None
     except httpx.TooManyRedirects:
         raise FetchError(f"{url}: more than {MAX_REDIRECTS} redirects") from None
+    except UnsafeURL as exc:
+        hop = f"redirect to {exc.url}: " if exc.url and httpx.URL(exc.url) != httpx.URL(url) else ""
+        raise FetchError(f"{url}: {hop}{exc}") from exc
     except httpx.HTTPError as exc:
         raise FetchError(f"{url}: {type(exc).__name__}: {exc}") from exc
 
@@ -160,15 +166,26 @@ def user_agent(product: str, contact_url: str) -> str:
     return f"{product} (+{contact_url})" if contact_url else product
 
 
-def new_client(user_agent: str, max_connections: int = 100) -> httpx.AsyncClient:
-    """An HTTP client for feeds: redirects followed (at most five), no proxy from the env."""
+def new_client(
+    user_agent: str,
+    max_connections: int = 100,
+    *,
+    resolver: Resolver = system_resolver,
+    allow_private: bool = False,
+) -> httpx.AsyncClient:
+    """An HTTP client for feeds: redirects followed (at most five), each hop through the SSRF
+    guard, which connects to the address it checked; no proxy from the env."""
     return httpx.AsyncClient(
         headers={"User-Agent": user_agent, "Accept": _ACCEPT},
+        transport=GuardedTransport(
+            resolver=resolver,
+            allow_private=allow_private,
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=20),
+        ),
         follow_redirects=True,
         max_redirects=MAX_REDIRECTS,
         trust_env=False,
         timeout=httpx.Timeout(10.0),
-        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=20),
     )
 
 

@@ -14,6 +14,7 @@ from newsmon.api import unprocessable
 from newsmon.ingest.feeds import FeedCreate, FeedPublic, FeedState, FeedUpdate
 from newsmon.ingest.service import FeedNotFound, IngestService
 from newsmon.ingest.store import DuplicateFeed
+from newsmon.ssrf import UnsafeURL
 
 # Feed ids are database integers: anything larger is no feed (and would overflow the driver).
 FeedId = Annotated[int, Path(ge=1, le=2**31 - 1)]
@@ -54,6 +55,8 @@ def build_router(service: IngestService) -> APIRouter:
             created = await service.add_feed(feed)
         except DuplicateFeed:
             raise duplicate(feed.url) from None
+        except UnsafeURL as exc:
+            raise unprocessable([("url", str(exc))]) from None
         response.headers["Location"] = f"/feeds/{created.id}"
         return created
 
@@ -69,6 +72,8 @@ def build_router(service: IngestService) -> APIRouter:
             return await found(service.update_feed(feed_id, update))
         except DuplicateFeed:
             raise duplicate(update.url or "") from None
+        except UnsafeURL as exc:
+            raise unprocessable([("url", str(exc))]) from None
 
     @router.delete("/{feed_id}", status_code=status.HTTP_204_NO_CONTENT)
     async def delete_feed(feed_id: FeedId) -> None:
