@@ -12,7 +12,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from newsmon.access import ApiKey
 
-
 # The seeds shipped in the package (``seeds/`` in the source tree), whatever the directory.
 SEEDS = Path(str(files("newsmon.seeds")))
 
@@ -29,7 +28,10 @@ SeedsFile = Annotated[Path, AfterValidator(_existing_file)]
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NEWSMON_", env_file=".env", extra="ignore")
 
-    bus_url: str = Field("memory://", description="memory:// or kafka://host:port[?partitions=N]")
+    bus_url: str = Field(
+        "database://",
+        description="database:// (durable, in the database), memory://, or kafka://host:port",
+    )
     database_url: str = Field(
         "sqlite+aiosqlite:///newsmon.db", description="SQLAlchemy async URL of the state store"
     )
@@ -69,6 +71,11 @@ class Settings(BaseSettings):
         "https://github.com/newsmon/newsmon", description="sent in the User-Agent as (+URL)"
     )
     parse_workers: int = Field(2, ge=0, description="parser processes; 0 parses in a thread")
+    feed_allow_private: bool = Field(
+        False,
+        description="admit loopback and private (10/8, 172.16/12, 192.168/16, fc00::/7) feed "
+        "URLs, for local feeds and tests; cloud metadata and link-local stay refused",
+    )
     seen_retention_days: float = Field(
         90.0, gt=0, description="forget an article id this long after a feed last listed it"
     )

@@ -17,8 +17,15 @@ import pytest
 
 from newsmon.bus import MemoryBus
 from newsmon.events import ArticleFetched
-from tests.conftest import SHARED, LoopbackServer, Reply
+from tests.conftest import ROOT, SHARED, LoopbackServer, Reply
 from tests.test_ingest_service import RSS_HEADERS, drain, ingest, rss, status_of
+
+
+@pytest.fixture(autouse=True)
+def _feeds_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The feed servers here listen on 127.0.0.1, which the feed guard refuses by default."""
+    monkeypatch.setenv("NEWSMON_FEED_ALLOW_PRIVATE", "true")
+
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -119,8 +126,23 @@ async def test_hostile_feeds_fail_alone_with_clear_errors(
     ).encode()
     bomb = gzip.compress(b"<rss>" + b" " * 30_000_000 + b"</rss>")
     assert len(bomb) < 200_000
+    # A body that names a file on the ingest host: it is a (bad) document, never a path to read.
+    local_file = str(ROOT / "seeds" / "feeds" / "seed-article.xml").encode()
+    # The standard XHTML DTD and its entities are safe: that feed is read, not refused.
+    xhtml = (
+        rss("x1")
+        .replace(
+            b"?>",
+            b'?><!DOCTYPE rss PUBLIC "-//W3C//DTD XHTML 1.0 Strict//EN" '
+            b'"http://www.w3.org/TR/xhtml1/DTD/xhtml1-strict.dtd">',
+            1,
+        )
+        .replace(b"Story x1", b"Story x1&nbsp;&mdash;&nbsp;caf&eacute;")
+    )
     routes = {
         "/good": Reply(200, rss("g1", "g2"), RSS_HEADERS),
+        "/xhtml": Reply(200, xhtml, RSS_HEADERS),
+        "/local-file": Reply(200, local_file, RSS_HEADERS),
         "/laughs": Reply(200, BILLION_LAUGHS, RSS_HEADERS),
         "/xxe": Reply(200, xxe, RSS_HEADERS),
         "/entity-bomb": Reply(200, entity_bomb(), RSS_HEADERS),
@@ -132,6 +154,7 @@ async def test_hostile_feeds_fail_alone_with_clear_errors(
         "laughs": "entities",
         "xxe": "entities",
         "entity-bomb": "entities",
+        "local-file": "not a feed",
         "gzip-bomb": "body exceeds the 1000000-byte cap",
         "loop": "more than 5 redirects",
         "ten-gigabytes": "Content-Length 10737418240 exceeds",
@@ -150,8 +173,13 @@ async def test_hostile_feeds_fail_alone_with_clear_errors(
         urls = {name: http_server.url(f"/{name}") for name in expected if name not in raw_urls}
         urls |= raw_urls
         good = http_server.url("/good")
+        xhtml_url = http_server.url("/xhtml")
         async with ingest(
-            engine, bus, [good, *urls.values()], fetch_timeout_s=2, fetch_max_bytes=1_000_000
+            engine,
+            bus,
+            [good, xhtml_url, *urls.values()],
+            fetch_timeout_s=2,
+            fetch_max_bytes=1_000_000,
         ) as service:
             await asyncio.wait_for(service.poll_once(), 30)
             for name, message in expected.items():
@@ -162,8 +190,9 @@ async def test_hostile_feeds_fail_alone_with_clear_errors(
                 assert urls[name] in status.last_error
                 assert "TOP-SECRET" not in status.last_error
             assert (await status_of(service, good)).state == "ok"
+            assert (await status_of(service, xhtml_url)).state == "ok"
     titles = sorted(ArticleFetched.decode(m.value).article.title for m in await drain(bus))
-    assert titles == ["Story g1", "Story g2"]
+    assert titles == ["Story g1", "Story g2", "Story x1 — café"]
     assert len(http_server.requests_to("/loop")) == 6  # the first and five redirects
 
 

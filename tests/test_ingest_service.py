@@ -24,6 +24,13 @@ from tests.helpers import (
     status_of,
 )
 
+
+@pytest.fixture(autouse=True)
+def _feeds_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The feed servers here listen on 127.0.0.1, which the feed guard refuses by default."""
+    monkeypatch.setenv("NEWSMON_FEED_ALLOW_PRIVATE", "true")
+
+
 # Publishing -------------------------------------------------------------------------------------
 
 
@@ -342,3 +349,34 @@ async def test_articles_name_the_feed_as_the_operator_registered_it(
             for e in (ArticleFetched.decode(m.value) for m in await drain(bus))
         }
     assert titles == {"Story t1": "Desk: Mexico", "Story u1": "Publisher's Own"}
+
+
+async def test_each_feed_is_polled_once_per_due_time(
+    engine: Any, http_server: LoopbackServer
+) -> None:
+    urls = []
+    for i in range(15):
+        http_server.routes[f"/once{i}"] = Reply(200, rss(f"o{i}"), RSS_HEADERS)
+        urls.append(http_server.url(f"/once{i}"))
+    bus = MemoryBus()
+    async with ingest(engine, bus, urls, poll_interval_s=3600, feed_allow_private=True) as service:
+        store = service._store
+        due_feeds = store.due_feeds
+
+        async def slow_due_feeds(now: Any) -> Any:
+            # The answer is read, then polls end before the loop acts on it (a busy database).
+            answer = await due_feeds(now)
+            await asyncio.sleep(0.3)
+            return answer
+
+        store.due_feeds = slow_due_feeds  # type: ignore[method-assign]
+        stop = asyncio.Event()
+        running = asyncio.create_task(service.run(stop))
+        deadline = asyncio.get_running_loop().time() + 10
+        while sum(len(http_server.requests_to(f"/once{i}")) for i in range(15)) < 15:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.5)  # several more turns of the loop
+        stop.set()
+        await running
+    assert [len(http_server.requests_to(f"/once{i}")) for i in range(15)] == [1] * 15

@@ -31,6 +31,7 @@ from newsmon.ingest.store import FeedRecord, IngestStore, PollRecord
 from newsmon.logs import log_context
 from newsmon.retry_after import parse_retry_after
 from newsmon.settings import Settings
+from newsmon.ssrf import Resolver, check_url, system_resolver
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +58,19 @@ class IngestService:
         engine: AsyncEngine,
         seeds: list[FeedSpec],
         client: httpx.AsyncClient | None = None,
+        *,
+        resolver: Resolver = system_resolver,
     ) -> None:
         self._settings = settings
+        self._resolver = resolver
         self._bus = bus
         self._store = IngestStore(engine)
         self._seeds = seeds
         self._client = client or new_client(
             user_agent(settings.user_agent, settings.contact_url),
             max_connections=settings.fetch_concurrency,
+            resolver=resolver,
+            allow_private=settings.feed_allow_private,
         )
         self._owns_client = client is None
         self._limiter = HostLimiter(
@@ -74,6 +80,9 @@ class IngestService:
         # published by both.
         self._publishing = asyncio.Lock()
         self._polls: dict[int, asyncio.Task[None]] = {}
+        # Polls ended so far, per feed: a due-feeds answer read while a poll of that feed ended
+        # may predate its record, and must not start the poll again.
+        self._ended: dict[int, int] = {}
         self._wake = asyncio.Event()
         self._fatal: BaseException | None = None
         self._parser: ProcessPoolExecutor | None = None
@@ -104,8 +113,10 @@ class IngestService:
                 # Cleared before reading the registry: a poll ending or an API change from
                 # here on wakes the sleep below instead of being lost.
                 self._wake.clear()
+                ended = dict(self._ended)
                 for record in await self._store.due_feeds(utcnow()):
-                    if record.id not in self._polls:
+                    fresh = self._ended.get(record.id) == ended.get(record.id)
+                    if record.id not in self._polls and fresh:
                         self._spawn(record)
                 if time.monotonic() - self._pruned_at > PRUNE_EVERY_S:
                     await self._prune()
@@ -171,6 +182,7 @@ class IngestService:
     def _poll_done(self, feed_id: int) -> Callable[[asyncio.Task[None]], None]:
         def done(task: asyncio.Task[None]) -> None:
             self._polls.pop(feed_id, None)
+            self._ended[feed_id] = self._ended.get(feed_id, 0) + 1
             if not task.cancelled() and task.exception() is not None:
                 # Feed faults are caught in _poll; what escapes is the database or the bus.
                 self._fatal = task.exception()
@@ -378,7 +390,15 @@ class IngestService:
         if not await self._store.delete_feed(feed_id):
             raise FeedNotFound(f"no feed with id {feed_id}")
 
+    async def check_feed_url(self, url: str) -> None:
+        """Raise ``UnsafeURL`` for a URL the SSRF guard refuses (the registration-time check;
+        polls check again, each redirect too, as DNS may answer otherwise by then)."""
+        await check_url(
+            url, resolver=self._resolver, allow_private=self._settings.feed_allow_private
+        )
+
     async def add_feed(self, feed: FeedCreate) -> FeedPublic:
+        await self.check_feed_url(feed.url)
         record = await self._store.add_feed(
             feed.url, title=feed.title, tags=feed.tags, interval_s=feed.interval_s
         )
@@ -391,6 +411,8 @@ class IngestService:
         changes: dict[str, Any] = update.model_dump(exclude_unset=True)
         now = utcnow()
         if "url" in changes and changes["url"] != record.url:
+            if changes["url"] is not None:
+                await self.check_feed_url(changes["url"])
             # Another document: the old validators and schedule mean nothing for it.
             changes |= {"etag": None, "last_modified": None, "next_poll_at": now}
         if "interval_s" in changes and not record.consecutive_failures:
