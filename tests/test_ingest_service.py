@@ -184,6 +184,20 @@ async def test_a_slow_server_times_out_within_the_deadline(
         ]
 
 
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)  # 11 s of waiting: once is enough
+async def test_a_server_slower_than_httpx_defaults_but_within_the_deadline_is_read(
+    engine: Any, http_server: LoopbackServer
+) -> None:
+    # Headers after 10.5 s, under a 20 s deadline: the deadline is the setting, nothing shorter.
+    http_server.routes["/patient"] = Reply(200, rss("p"), RSS_HEADERS, delay=10.5)
+    url = http_server.url("/patient")
+    bus = MemoryBus()
+    async with ingest(engine, bus, [url], fetch_timeout_s=20) as service:
+        await service.poll_once()
+        status = await status_of(service, url)
+        assert status.last_error is None and status.items_published == 1
+
+
 # Size caps --------------------------------------------------------------------------------------
 
 Chunks = Callable[[], list[bytes]]

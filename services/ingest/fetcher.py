@@ -84,7 +84,7 @@ async def fetch(
     try:
         async with asyncio.timeout(timeout):
             return await _get(client, url, headers, max_bytes)
-    except TimeoutError:
+    except (TimeoutError, httpx.TimeoutException):
         raise FetchError(f"{url}: no complete response within {timeout:g} s") from None
     except httpx.TooManyRedirects:
         raise FetchError(f"{url}: more than {MAX_REDIRECTS} redirects") from None
@@ -172,6 +172,7 @@ def new_client(
     *,
     resolver: Resolver = system_resolver,
     allow_private: bool = False,
+    timeout: float = 20.0,
 ) -> httpx.AsyncClient:
     """An HTTP client for feeds: redirects followed (at most five), each hop through the SSRF
     guard, which connects to the address it checked; no proxy from the env."""
@@ -185,7 +186,9 @@ def new_client(
         follow_redirects=True,
         max_redirects=MAX_REDIRECTS,
         trust_env=False,
-        timeout=httpx.Timeout(10.0),
+        # The fetch's own deadline (in ``fetch``) is the one that counts; httpx's per-step
+        # timeouts must not cut it shorter.
+        timeout=httpx.Timeout(timeout),
     )
 
 

@@ -71,6 +71,7 @@ class IngestService:
             max_connections=settings.fetch_concurrency,
             resolver=resolver,
             allow_private=settings.feed_allow_private,
+            timeout=settings.fetch_timeout_s,
         )
         self._owns_client = client is None
         self._limiter = HostLimiter(
