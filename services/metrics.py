@@ -17,6 +17,11 @@ FEED_POLLS = Counter(
     "newsmon_feed_polls_total", "Feed polls by outcome (ok, not_modified, error)", ["outcome"]
 )
 FEED_ERRORS = Counter("newsmon_feed_errors_total", "Failed feed polls", ["feed"])
+ITEMS_SKIPPED = Counter(
+    "newsmon_feed_items_skipped_total",
+    "Feed items that could not become articles, by reason (no title or text, …)",
+    ["reason"],
+)
 ARTICLES_CLASSIFIED = Counter("newsmon_articles_classified_total", "Articles scored by classify")
 ARTICLES_MATCHED = Counter("newsmon_articles_matched_total", "Article-topic matches", ["topic"])
 DELIVERIES = Counter(

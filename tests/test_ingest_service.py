@@ -394,3 +394,27 @@ async def test_each_feed_is_polled_once_per_due_time(
         stop.set()
         await running
     assert [len(http_server.requests_to(f"/once{i}")) for i in range(15)] == [1] * 15
+
+
+async def test_items_that_cannot_become_articles_are_counted_and_logged(
+    engine: Any, http_server: LoopbackServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    from prometheus_client import REGISTRY
+
+    body = (
+        b'<?xml version="1.0"?><rss version="2.0"><channel><title>F</title>'
+        b"<item><link>https://news.example/bare</link></item>"
+        b"<item><title>Story kept</title><guid>kept</guid></item></channel></rss>"
+    )
+    http_server.routes["/bare"] = Reply(200, body, RSS_HEADERS)
+    url = http_server.url("/bare")
+    sample = ("newsmon_feed_items_skipped_total", {"reason": "no title or text"})
+    before = REGISTRY.get_sample_value(*sample) or 0.0
+    bus = MemoryBus()
+    async with ingest(engine, bus, [url]) as service:
+        await service.poll_once()
+        assert len(await drain(bus)) == 1
+    assert (REGISTRY.get_sample_value(*sample) or 0.0) == before + 1
+    assert any(
+        url in r.getMessage() and "1 item(s) skipped" in r.getMessage() for r in caplog.records
+    )

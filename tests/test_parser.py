@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import random
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -129,12 +130,14 @@ def test_rss() -> None:
     assert parsed.title == "Example & Co news"
     first, second = parsed.articles
     assert first.title == "First story"
-    # Relative link resolved against the feed, tracking parameters and fragment dropped.
-    assert first.link == "https://news.example.com/2024/01/first?id=7"
+    # Relative link resolved against the feed, otherwise as published: readers click this one.
+    assert first.link == (
+        "https://news.example.com/2024/01/first?utm_source=rss&utm_medium=feed&id=7#comments"
+    )
     assert first.published == datetime(2024, 1, 2, 7, 30, tzinfo=UTC)
     assert first.summary == "Hello & welcome.\nSecond paragraph été."
     assert first.feed_title == "Example & Co news"
-    assert second.link == "https://news.example.com/2024/01/second"
+    assert second.link == "https://News.Example.com/2024/01/second"
     assert second.summary == "Plain text summary."
     assert second.published is None
 
@@ -155,7 +158,7 @@ def test_json_feed() -> None:
     assert parsed.title == "JSON example"
     first, second = parsed.articles
     assert first.title == "JSON item"
-    assert first.link == "https://json.example.net/posts/1"
+    assert first.link == "https://json.example.net/posts/1?utm_campaign=x"
     # Without a summary the body doubles as one; ``text`` is what classify reads either way.
     assert first.text == "Para one.\nPara two."
     assert first.published == datetime(2024, 3, 4, 5, 6, 7, tzinfo=UTC)
@@ -239,7 +242,12 @@ def test_same_link_through_two_feeds_gives_the_same_id() -> None:
     two = "<item><title>Same story</title><link>https://SITE.example/story#x</link></item>"
     a = parse_feed(_rss(one), "https://one.example/feed").articles[0]
     b = parse_feed(_rss(two), "https://two.example/rss").articles[0]
-    assert a.link == b.link == "https://site.example/story"
+    # The identity is the canonical link; each article keeps the link its feed published.
+    assert (a.link, b.link) == (
+        "https://site.example/story?utm_source=one",
+        "https://SITE.example/story#x",
+    )
+    assert canonical_url(a.link) == canonical_url(b.link) == "https://site.example/story"
     assert a.article_id == b.article_id
 
 
@@ -463,11 +471,546 @@ def test_corpus_feed_parses_or_raises_feed_error(row: dict[str, str]) -> None:
     assert len(parsed.articles) >= expected, f"{name}: {len(parsed.articles)} < {expected}"
     if n_entries:
         assert len(parsed.articles) <= n_entries
+        # Every entry feedparser finds is an article or counted as skipped.
+        assert len(parsed.articles) + parsed.skipped == n_entries, parsed.skipped_by_reason
     for article in parsed.articles:
         assert article.article_id
         assert article.title or article.summary or article.content
         assert "<script" not in article.summary.lower()
         assert "<script" not in article.content.lower()
-        assert article.link == "" or "#" not in article.link
+        assert article.link == "" or "#" not in canonical_url(article.link)
     if row["feed_title"] not in ("", "-") and len(row["feed_title"]) < 70:
         assert parsed.title == " ".join(row["feed_title"].split())
+
+
+# A body is a document, never a path or URL to open ------------------------------------------------
+
+
+@pytest.fixture
+def nothing_opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Fails the test if feedparser opens a file or fetches a URL (instead of reading for ever)."""
+    opened: list[str] = []
+
+    def refuse(what: object, *args: object, **kwargs: object) -> None:
+        opened.append(repr(what))
+        raise AssertionError(f"feedparser tried to open {what!r}")
+
+    monkeypatch.setattr(feedparser.api, "open", refuse, raising=False)
+    monkeypatch.setattr(feedparser.api.http, "get", refuse)
+    return opened
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(str(SEED_FEED).encode(), id="path"),
+        pytest.param(SEED_FEED.as_uri().encode(), id="file-uri"),
+        pytest.param(f"  {SEED_FEED}\n".encode(), id="path-with-spaces"),
+    ],
+)
+def test_a_body_naming_a_local_feed_file_does_not_publish_that_file(body: bytes) -> None:
+    with pytest.raises(FeedError, match="not a feed"):
+        parse_feed(body, "https://evil.example/feed")
+
+
+@pytest.mark.parametrize(
+    "body", [b"/dev/zero", b"file:///dev/zero", b"http://127.0.0.1:9/feed.xml", b"feed://x/y"]
+)
+def test_a_body_naming_a_device_or_url_fails_fast_without_opening_it(
+    body: bytes, nothing_opened: list[str]
+) -> None:
+    start = time.monotonic()
+    with pytest.raises(FeedError, match="not a feed"):
+        parse_feed(body, "https://evil.example/feed")
+    assert time.monotonic() - start < 5
+    assert nothing_opened == []
+
+
+# Plain text stays text; HTML becomes text -------------------------------------------------------
+
+PLAIN_TITLES = [
+    "Why Vec<T> beats arrays",
+    "If a<b then b>a",
+    "<script> tags considered harmful",
+]
+
+
+def test_rss_plain_text_titles_keep_their_angle_brackets() -> None:
+    items = "".join(
+        f"<item><title>{t.replace('<', '&lt;').replace('>', '&gt;')}</title>"
+        f"<guid>g{n}</guid></item>"
+        for n, t in enumerate(PLAIN_TITLES)
+    )
+    # An RSS title with real markup in it is still read as HTML (feedparser flags it so).
+    items += "<item><title>First &lt;b&gt;story&lt;/b&gt;</title><guid>g9</guid></item>"
+    parsed = parse_feed(_rss(items), "https://one.example/feed")
+    assert [a.title for a in parsed.articles] == [*PLAIN_TITLES, "First story"]
+
+
+def test_atom_text_constructs_follow_their_declared_type() -> None:
+    body = b"""<?xml version="1.0" encoding="utf-8"?>
+<feed xmlns="http://www.w3.org/2005/Atom">
+  <title type="text">Tom &amp; Jerry &lt;fans&gt;</title>
+  <entry>
+    <id>urn:x:1</id>
+    <title type="text">Why Vec&lt;T&gt; beats arrays</title>
+    <summary type="text">If a&lt;b then b&gt;a, &amp;eacute; stays decoded: caf&amp;eacute;</summary>
+    <content type="text">&lt;script&gt; tags considered harmful</content>
+  </entry>
+  <entry>
+    <id>urn:x:2</id>
+    <title type="html">Why &lt;em&gt;Vec&amp;lt;T&amp;gt;&lt;/em&gt; beats arrays</title>
+    <summary type="html">&lt;p&gt;If a&amp;lt;b&lt;/p&gt;&lt;p&gt;then b&amp;gt;a&lt;/p&gt;</summary>
+    <content type="xhtml"><div xmlns="http://www.w3.org/1999/xhtml"><p>One &amp; <b>two</b></p></div></content>
+  </entry>
+  <entry>
+    <id>urn:x:3</id>
+    <title>&lt;script&gt; tags considered harmful</title>
+  </entry>
+</feed>
+"""
+    parsed = parse_feed(body, "https://atom.example/feed")
+    assert parsed.title == "Tom & Jerry <fans>"
+    text, markup, untyped = parsed.articles
+    assert text.title == "Why Vec<T> beats arrays"
+    assert text.summary == "If a<b then b>a, é stays decoded: café"
+    assert text.content == "<script> tags considered harmful"
+    assert markup.title == "Why Vec<T> beats arrays"
+    assert markup.summary == "If a<b\nthen b>a"
+    assert markup.content == "One & two"
+    assert untyped.title == "<script> tags considered harmful"  # Atom's default type is text
+
+
+def test_json_feed_content_text_is_text_and_content_html_is_html() -> None:
+    doc = {
+        "version": "https://jsonfeed.org/version/1.1",
+        "title": "Vec<T> weekly",
+        "items": [
+            {
+                "id": "1",
+                "title": "If a<b then b>a",
+                "content_text": "<script> tags considered harmful",
+            },
+            {
+                "id": "2",
+                "title": "It&#8217;s <b>bold</b>",
+                "content_html": "<p>If a&lt;b</p><p>x</p>",
+            },
+            {"id": "3", "summary": "Vec<T> & co", "content_html": "<p>Body</p>"},
+        ],
+    }
+    parsed = parse_feed(json.dumps(doc).encode(), "https://json.example/feed.json")
+    assert parsed.title == "Vec<T> weekly"
+    one, two, three = parsed.articles
+    assert (one.title, one.text) == ("If a<b then b>a", "<script> tags considered harmful")
+    # JSON Feed titles are plain text: markup-looking text stays; references are still decoded.
+    assert (two.title, two.text) == ("It’s <b>bold</b>", "If a<b\nx")
+    assert (three.summary, three.content) == ("Vec<T> & co", "Body")
+
+
+# Article identity ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("permalink", ["", " isPermaLink='true'", " isPermaLink='false'"])
+def test_guids_that_differ_only_by_fragment_are_different_articles(permalink: str) -> None:
+    items = "".join(
+        f"<item><title>Release {v}</title>"
+        f"<guid{permalink}>https://example.com/changelog.html#{v}</guid></item>"
+        for v in ("v1-2", "v1-3")
+    )
+    parsed = parse_feed(_rss(items), "https://example.com/feed")
+    first, second = parsed.articles
+    assert first.article_id != second.article_id
+    assert first.article_id == article_id(
+        guid="https://example.com/changelog.html#v1-2",
+        link="",
+        feed_url="elsewhere",
+        title="",
+        published=None,
+    )
+
+
+def test_a_guid_is_used_as_given_only_trimmed() -> None:
+    tracked = "https://Example.com/a?utm_source=x"
+    assert article_id(guid=f"  {tracked}\n", link="", feed_url="f", title="", published=None) == (
+        article_id(guid=tracked, link="", feed_url="g", title="t", published=None)
+    )
+    assert article_id(guid=tracked, link="", feed_url="f", title="", published=None) != (
+        article_id(guid="https://example.com/a", link="", feed_url="f", title="", published=None)
+    )
+
+
+def test_links_without_guid_that_differ_only_by_fragment_are_one_page() -> None:
+    items = (
+        "<item><title>Part 1</title><link>https://example.com/page#one</link></item>"
+        "<item><title>Part 2</title><link>https://example.com/page#two</link></item>"
+    )
+    first, second = parse_feed(_rss(items), "https://example.com/feed").articles
+    assert first.article_id == second.article_id
+    assert (first.link, second.link) == (
+        "https://example.com/page#one",
+        "https://example.com/page#two",
+    )
+
+
+# DOCTYPEs: what is safe is read, what is dangerous is refused ------------------------------------
+
+XHTML_DTD = (
+    '<!DOCTYPE rss PUBLIC "-//W3C//DTD XHTML 1.0 Transitional//EN" '
+    '"http://www.w3.org/TR/xhtml1/DTD/xhtml1-transitional.dtd">'
+)
+XHTML_LAT1_SET = (
+    "<!DOCTYPE rss [\n"
+    '  <!ENTITY % HTMLlat1 PUBLIC "-//W3C//ENTITIES Latin 1 for XHTML//EN"\n'
+    '    "http://www.w3.org/TR/xhtml1/DTD/xhtml-lat1.ent">\n'
+    "  %HTMLlat1;\n"
+    "]>"
+)
+SIMPLE_ENTITIES = (
+    '<!DOCTYPE rss [\n  <!ENTITY nbsp "&#160;">\n  <!ENTITY eacute "&#233;">\n'
+    "  <!-- a comment; and a reference to a predefined entity -->\n"
+    "  <!ENTITY co 'Caf&#233; &amp; Co'>\n]>"
+)
+
+
+def _doc(doctype: str, items: str, prolog: str = "") -> bytes:
+    return (
+        f'<?xml version="1.0" encoding="utf-8"?>\n{prolog}{doctype}\n'
+        f'<rss version="2.0"><channel><title>T</title>{items}</channel></rss>'
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("doctype", "title"),
+    [
+        pytest.param(XHTML_DTD, "Caf&eacute; Mon&nbsp;Ami&hellip;", id="xhtml-dtd"),
+        pytest.param(XHTML_LAT1_SET, "Caf&eacute; Mon&nbsp;Ami&hellip;", id="xhtml-lat1-set"),
+        pytest.param(SIMPLE_ENTITIES, "Caf&eacute; Mon&nbsp;Ami&#8230;", id="simple-entities"),
+    ],
+)
+def test_safe_doctypes_are_read_without_fetching_anything(
+    doctype: str, title: str, nothing_opened: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import urllib.request
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a DTD was fetched")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    body = _doc(doctype, f"<item><title>{title}</title><guid>1</guid></item>")
+    parsed = parse_feed(body, "https://e.example/feed", "application/rss+xml")
+    assert [a.title for a in parsed.articles] == ["Café Mon Ami…"]
+    assert parsed.warning is None  # read by the strict XML parser, entities and all
+
+
+def test_declared_entities_are_substituted_in_text_and_attributes() -> None:
+    body = (
+        '<?xml version="1.0"?>' + SIMPLE_ENTITIES.replace("rss", "feed") + "\n"
+        '<feed xmlns="http://www.w3.org/2005/Atom"><title>T</title><entry><id>1</id>'
+        '<title>&co; news</title><link href="https://e.example/&co;?a=&quot;&co;&quot;"/>'
+        '<summary type="html">&lt;p&gt;&co;&lt;/p&gt;</summary>'
+        "<content><![CDATA[&co; is not an entity here]]></content></entry></feed>"
+    ).encode()
+    (article,) = parse_feed(body, "https://e.example/feed", "application/atom+xml").articles
+    assert article.title == "Café & Co news"
+    assert article.summary == "Café & Co"
+    assert article.content == "&co; is not an entity here"
+    assert article.link == 'https://e.example/Café & Co?a="Café & Co"'
+
+
+def test_a_feed_without_doctype_may_mention_entities_in_its_text() -> None:
+    post = (
+        "<p>XXE 101: a document like <code>&lt;!DOCTYPE foo [&lt;!ENTITY xxe SYSTEM "
+        '"file:///etc/passwd"&gt;]&gt;</code> reads local files.</p>'
+    )
+    items = (
+        f"<item><title>XXE explained</title><description><![CDATA[{post}]]></description>\n"
+        "<content:encoded><![CDATA[\n<!DOCTYPE x [\n<!ENTITY lol 'lol'>\n]>\n]]></content:encoded>"
+        "<guid>1</guid></item>"
+    )
+    body = (
+        '<?xml version="1.0"?><rss version="2.0" '
+        'xmlns:content="http://purl.org/rss/1.0/modules/content/"><channel><title>Sec</title>'
+        f"{items}</channel></rss>"
+    ).encode()
+    (article,) = parse_feed(body, "https://sec.example/feed").articles
+    assert article.title == "XXE explained"
+    assert "<!ENTITY xxe SYSTEM" in article.summary
+
+
+def test_a_doctype_external_subset_alone_is_never_fetched_nor_refused(
+    nothing_opened: list[str],
+) -> None:
+    netscape = (
+        '<!DOCTYPE rss PUBLIC "-//Netscape Communications//DTD RSS 0.91//EN" '
+        '"http://my.netscape.com/publish/formats/rss-0.91.dtd">'
+    )
+    body = _doc(netscape, "<item><title>Old &amp; fine</title></item>")
+    assert [a.title for a in parse_feed(body, "https://e.example/feed").articles] == ["Old & fine"]
+
+
+def _bomb(uses: int, size: int) -> bytes:
+    return _doc(
+        f'<!DOCTYPE rss [<!ENTITY big "{"A" * size}">]>',
+        f"<item><title>{'&big;' * uses}</title></item>",
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        pytest.param(_bomb(1_000, 1_000), "expand", id="1000-chars-times-1000"),
+        pytest.param(
+            _doc(
+                '<!DOCTYPE rss [<!ENTITY a "x"><!ENTITY b "&a;&a;">]>',
+                "<item><title>&b;</title></item>",
+            ),
+            "other entities",
+            id="nested",
+        ),
+        pytest.param(
+            _doc(
+                "<!DOCTYPE rss [<!ENTITY % p \"<!ENTITY x 'y'>\"> %p;]>",
+                "<item><title>&x;</title></item>",
+            ),
+            "parameter entity",
+            id="parameter-entity",
+        ),
+        pytest.param(
+            _doc(
+                '<!DOCTYPE rss [<!ENTITY % ext SYSTEM "http://evil.example/x.dtd"> %ext;]>',
+                "<item><title>t</title></item>",
+            ),
+            "external",
+            id="external-parameter-entity",
+        ),
+        pytest.param(
+            _doc(
+                '<!DOCTYPE rss [<!ENTITY x PUBLIC "-//W3C//ENTITIES Latin 1 for XHTML//EN" '
+                '"file:///etc/passwd">]>',
+                "<item><title>&x;</title></item>",
+            ),
+            "external",
+            id="external-general-entity-with-a-known-public-id",
+        ),
+        pytest.param(
+            _doc("<!DOCTYPE rss [<!ENTITY x '<b>markup</b>'>]>", "<item><title>&x;</title></item>"),
+            "markup",
+            id="markup-in-a-value",
+        ),
+        pytest.param(
+            _doc("<!DOCTYPE rss [<!ENTITY x 'unclosed>]>", "<item><title>&x;</title></item>"),
+            "malformed",
+            id="malformed-subset",
+        ),
+        pytest.param(
+            _doc("<!DOCTYPE rss [<!ENTITY x 'a'>]><!DOCTYPE rss>", "<item><title>t</title></item>"),
+            "DOCTYPE",
+            id="two-doctypes",
+        ),
+    ],
+)
+def test_dangerous_doctypes_are_refused_saying_why(
+    body: bytes, why: str, nothing_opened: list[str]
+) -> None:
+    with pytest.raises(FeedError, match="entities") as excinfo:
+        parse_feed(body, "https://evil.example/feed")
+    assert why in str(excinfo.value)
+    assert "\n" not in str(excinfo.value)
+
+
+def test_a_small_expansion_is_allowed() -> None:
+    (article,) = parse_feed(_bomb(10, 1_000), "https://e.example/feed").articles
+    assert article.title == "A" * 10_000
+
+
+def test_entity_declarations_hidden_in_a_prolog_comment_are_not_honoured() -> None:
+    # feedparser collects ``<!ENTITY`` lines from anywhere before the root element, comments
+    # included, and hands them to expat inside a DOCTYPE of its own.
+    prolog = f'<!--\n<!DOCTYPE rss>\n<!ENTITY big "{"A" * 10_000}">\n-->\n'
+    body = _doc("", f"<item><title>x{'&big;' * 1_000}</title></item>", prolog=prolog)
+    (article,) = parse_feed(body, "https://evil.example/feed").articles
+    assert article.title == "x" + "&big;" * 1_000  # an undeclared entity, left as written
+
+
+def test_an_entity_bomb_in_a_utf7_document_is_refused() -> None:
+    # The declaration names UTF-7, in which "<!ENTITY" can be spelt without a "<" byte.
+    doctype = '<!DOCTYPE rss [\n<!ENTITY big "' + "A" * 10_000 + '">\n]>'
+    body = (
+        b'<?xml version="1.0" encoding="utf-7"?>\n'
+        + doctype.replace("<", "+ADw-").encode()
+        + b"<rss version='2.0'><channel><title>t</title><item><title>"
+        + b"&big;" * 1_000
+        + b"</title></item></channel></rss>"
+    )
+    assert b"<!ENTITY" not in body
+    with pytest.raises(FeedError, match=r"entities.*expanding them would add more than"):
+        parse_feed(body, "https://evil.example/feed")
+
+
+# Links: canonical for identity, as published for readers -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "canonical"),
+    [
+        ("https://example.com/a?print", "https://example.com/a?print"),
+        ("https://example.com/s?q=caf%E9", "https://example.com/s?q=caf%E9"),
+        ("https://example.com/s?a=1;b=2", "https://example.com/s?a=1;b=2"),
+        ("https://example.com/s?q=a+b&r=a%20b", "https://example.com/s?q=a+b&r=a%20b"),
+        (
+            "https://EXAMPLE.com/s?utm_source=x&print&q=caf%E9&UTM_Medium=y#top",
+            "https://example.com/s?print&q=caf%E9",
+        ),
+        ("https://User:Pw@EXAMPLE.com/", "https://User:Pw@example.com/"),
+    ],
+)
+def test_canonical_url_keeps_the_query_as_written(url: str, canonical: str) -> None:
+    assert canonical_url(url) == canonical
+
+
+def test_article_link_is_the_published_link_resolved_only_when_relative() -> None:
+    items = (
+        "<item><title>A</title><link>https://Example.com/a?print&amp;q=caf%E9#x</link></item>"
+        "<item><title>B</title><link>https://example.com/b?a=1;b=2&amp;utm_source=rss</link></item>"
+    )
+    first, second = parse_feed(_rss(items), "https://example.com/feed").articles
+    assert first.link == "https://Example.com/a?print&q=caf%E9#x"
+    assert second.link == "https://example.com/b?a=1;b=2&utm_source=rss"
+    assert first.article_id == article_id(
+        guid="", link="https://example.com/a?print&q=caf%E9", feed_url="", title="", published=None
+    )
+    doc = {
+        "version": "https://jsonfeed.org/version/1.1",
+        "home_page_url": "https://json.example/blog/",
+        "items": [{"id": "1", "title": "T", "url": "posts/1?print"}],
+    }
+    (item,) = parse_feed(json.dumps(doc).encode(), "https://json.example/feed.json").articles
+    assert item.link == "https://json.example/blog/posts/1?print"
+
+
+# HTML to text: hostile and broken markup ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("markup", "text"),
+    [
+        ("a <![ CDATA[x]]> b", "a b"),
+        ("a <![CDATA[kept]]> b", "a kept b"),
+        (
+            "<p>Intro</p><object data='x.swf'><param name=a value=b><p>After the object</p>",
+            "Intro\nAfter the object",
+        ),
+        ("<p>Intro</p><iframe src='v'><p>After the iframe</p>", "Intro\nAfter the iframe"),
+        ("<p>Intro</p><iframe src='v' /><p>After the iframe</p>", "Intro\nAfter the iframe"),
+        ("<p>Intro</p><script src='x.js'/><p>After the script</p>", "Intro\nAfter the script"),
+        (
+            "<p>Intro</p><script>var x = 1;<p>After the script</p>",
+            "Intro\nvar x = 1;\nAfter the script",
+        ),
+        ("kept<object>fallback</object> too", "kept too"),
+        ("<p>a</p><script>if (a < b) {}</script><p>b</p>", "a\nb"),
+        ("Title <!-- cut off", "Title"),
+        ("Title <!-- closed --> more", "Title more"),
+        ("Hello <a href='x", "Hello"),
+        ("1 < 2 and 3 > 2", "1 < 2 and 3 > 2"),
+        ("<p title='a>b'>q</p>", "q"),
+    ],
+)
+def test_html_to_text_survives_broken_markup(markup: str, text: str) -> None:
+    assert html_to_text(markup) == text
+
+
+@pytest.mark.parametrize(
+    ("markup", "text"),
+    [
+        ("<a " * 30_000, ""),  # one tag that never ends
+        ("<a x='" * 30_000, ""),
+        ("<!--" * 30_000, ""),
+        ("<div>" * 50_000 + "deep", "deep"),
+        (
+            # HTML5 tree builders reopen the 3,000 formatting elements in each of 3,000 blocks.
+            "<p>"
+            + "".join(f"<b class=c{i}>" for i in range(3_000))
+            + "</p>"
+            + "<div>x</div>" * 3_000,
+            "\n".join(["x"] * 3_000),
+        ),
+        ("<script>" * 30_000 + "text", "text"),
+        ("<object>" * 30_000 + "</noscript>" * 30_000 + "text", "text"),
+    ],
+    ids=["open-tags", "open-quotes", "open-comments", "deep", "formatting", "scripts", "objects"],
+)
+def test_html_to_text_does_bounded_work_on_hostile_markup(markup: str, text: str) -> None:
+    start = time.monotonic()
+    assert html_to_text(markup) == text
+    assert time.monotonic() - start < 2
+
+
+def test_item_html_that_broke_the_old_parser_does_not_fail_the_feed() -> None:
+    items = (
+        "<item><title>Crash</title><description>a &lt;![ CDATA[x]]&gt; b</description></item>"
+        "<item><title>Fine</title><description>ok</description></item>"
+    )
+    parsed = parse_feed(_rss(items), "https://e.example/feed")
+    assert [(a.title, a.summary) for a in parsed.articles] == [("Crash", "a b"), ("Fine", "ok")]
+
+
+def test_an_unclosed_comment_in_an_html_title_does_not_leak() -> None:
+    body = b"""<feed xmlns="http://www.w3.org/2005/Atom"><title>T</title>
+<entry><id>1</id><title type="html">Breaking &lt;!-- more</title></entry></feed>"""
+    (article,) = parse_feed(body, "https://e.example/feed").articles
+    assert article.title == "Breaking"
+
+
+# Encodings and skipped items ----------------------------------------------------------------------
+
+UTF16_DOC = (
+    '<rss version="2.0"><channel><title>Ünïcode</title>'
+    "<item><title>Zoë’s café</title><link>https://e.example/a</link></item></channel></rss>"
+)
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        pytest.param(UTF16_DOC.encode("utf-16"), "", id="utf-16-bom"),
+        pytest.param(b"\xfe\xff" + UTF16_DOC.encode("utf-16-be"), "", id="utf-16be-bom"),
+        pytest.param(UTF16_DOC.encode("utf-32"), "", id="utf-32-bom"),
+        pytest.param(
+            UTF16_DOC.encode("utf-16"), "application/rss+xml; charset=iso-8859-1", id="bom-wins"
+        ),
+        pytest.param(b"\xef\xbb\xbf" + UTF16_DOC.encode(), "", id="utf-8-bom"),
+        pytest.param(
+            ('<?xml version="1.0" encoding="utf-16"?>' + UTF16_DOC).encode("utf-16"),
+            "text/xml",
+            id="utf-16-bom-and-declaration",
+        ),
+    ],
+)
+def test_a_feed_with_a_byte_order_mark_is_read_in_that_encoding(
+    body: bytes, content_type: str
+) -> None:
+    parsed = parse_feed(body, "https://e.example/feed", content_type)
+    assert parsed.title == "Ünïcode"
+    assert [a.title for a in parsed.articles] == ["Zoë’s café"]
+
+
+def test_skipped_items_are_counted_with_their_reason() -> None:
+    items = (
+        "<item><link>https://e.example/only-a-link</link></item>"
+        "<item><guid>only-a-guid</guid></item>"
+        "<item><title>kept</title></item>"
+    )
+    parsed = parse_feed(_rss(items), "https://e.example/feed")
+    assert [a.title for a in parsed.articles] == ["kept"]
+    assert parsed.skipped == 2
+    assert parsed.skipped_by_reason == {"no title or text": 2}
+    doc = {
+        "version": "https://jsonfeed.org/version/1",
+        "items": [{"id": "1", "url": "https://e.example/x"}, "junk", {"id": "2", "title": "t"}],
+    }
+    parsed = parse_feed(json.dumps(doc).encode(), "https://e.example/feed.json")
+    assert parsed.skipped == 2
+    assert parsed.skipped_by_reason == {"no title or text": 1, "not a JSON object": 1}
+    assert parse_feed(_rss("<item><title>x</title></item>"), "https://e.example/f").skipped == 0

@@ -8,6 +8,7 @@ polls what is due within the per-host and overall limits, parses off the event l
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import multiprocessing
 import time
@@ -274,6 +275,11 @@ class IngestService:
             return await failed(f"{url}: parser failed: {type(exc).__name__}: {exc}", None)
         if parsed.warning:
             log.info("feed %s parsed with a warning: %s", url, parsed.warning)
+        if parsed.skipped:
+            reasons = ", ".join(f"{n} {r}" for r, n in parsed.skipped_by_reason.items())
+            log.warning("feed %s: %d item(s) skipped (%s)", url, parsed.skipped, reasons)
+            for reason, count in parsed.skipped_by_reason.items():
+                metrics.ITEMS_SKIPPED.labels(reason).inc(count)
         articles = parsed.articles
         if record.title:
             # Alerts name the feed as the operator registered it, not as it calls itself.
@@ -304,9 +310,17 @@ class IngestService:
             log.info("feed %s: %d new of %d articles", url, new_items, len(parsed.articles))
 
     async def _parse(self, fetched: Fetched) -> ParsedFeed:
-        args = (fetched.body, fetched.url, fetched.content_type, self._settings.fetch_max_bytes)
+        # parse_feed itself goes to the worker (pickled by name): a worker imports the parser
+        # and what it needs, not the service with its database and HTTP stacks.
+        parse = functools.partial(
+            parse_feed,
+            fetched.body,
+            fetched.url,
+            fetched.content_type,
+            max_bytes=self._settings.fetch_max_bytes,
+        )
         if self._settings.parse_workers == 0:
-            return await asyncio.to_thread(_parse_in_worker, *args)
+            return await asyncio.to_thread(parse)
         if self._parser is None:
             # feedparser holds the GIL; in a thread, a 20,000-item feed would hold the loop
             # (and Kafka heartbeats) for tens of ms at a time. Spawned, not forked: this
@@ -315,7 +329,7 @@ class IngestService:
                 self._settings.parse_workers, mp_context=multiprocessing.get_context("spawn")
             )
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._parser, _parse_in_worker, *args)
+        return await loop.run_in_executor(self._parser, parse)
 
     async def _publish_new(self, url: str, articles: list[Article]) -> int:
         """Publish the articles never seen before; returns how many."""
@@ -428,8 +442,3 @@ class IngestService:
         if updated is None:
             raise FeedNotFound(f"feed {feed_id} was deleted meanwhile")
         return self.public(updated)
-
-
-def _parse_in_worker(body: bytes, url: str, content_type: str, max_bytes: int) -> ParsedFeed:
-    """``parse_feed`` in a worker process (module-level, so that it pickles by name)."""
-    return parse_feed(body, url, content_type, max_bytes=max_bytes)
