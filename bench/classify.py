@@ -13,7 +13,7 @@ The ratio service / model is the goal figure (at least 0.9). The ONNX backends (
 are timed the same way, and their match decisions on the labelled dev set are compared with
 torch's. Results go to ``bench/results/classify.json``.
 
-    python -m bench.classify [--articles 200] [--backends torch,onnx,onnx-int8]
+    python -m bench.classify [--articles 200] [--backends torch,onnx,onnx-int8] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--articles", type=int, default=200)
     parser.add_argument("--backends", default="torch,onnx,onnx-int8")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per backend")
     args = parser.parse_args(argv)
     if not STREAM.is_file() or not DEV_PATH.is_file():
         print(f"skipped: corpus not found at {STREAM.parent}")
@@ -131,17 +132,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(articles)} articles, {passages} passages, batch {Settings().classify_batch_size}")
     header = f"{'backend':<10}{'model art/s':>13}{'service art/s':>15}{'ratio':>8}"
     print(header + f"{'decisions ≠ torch':>20}")
-    backend: Backend
-    for backend in args.backends.split(","):  # type: ignore[assignment]
-        embedder = SentenceTransformerEmbedder(backend=backend, cache_dir=cache)
+    backends: list[Backend] = args.backends.split(",")  # type: ignore[assignment]
+    embedders = {b: SentenceTransformerEmbedder(backend=b, cache_dir=cache) for b in backends}
+    for embedder in embedders.values():
         embedder.embed(["warm up the model"] * 8)
-        # Alternated and best-of-two: the machine is shared, and a neighbour's burst of work
-        # must not land on one side only.
-        model_runs, service_runs = [], []
-        for _ in range(2):
-            model_runs.append(time_model(embedder, articles))
-            service_runs.append(asyncio.run(time_service(embedder, articles)))
-        model_s, service_s = min(model_runs), min(service_runs)
+    # Rounds alternate the backends (torch, onnx, int8, torch, …) and each keeps its best: the
+    # machine is shared, and a neighbour's burst of work must not land on one backend only.
+    model_runs: dict[str, list[float]] = {b: [] for b in backends}
+    service_runs: dict[str, list[float]] = {b: [] for b in backends}
+    for _ in range(args.rounds):
+        for backend, embedder in embedders.items():
+            model_runs[backend].append(time_model(embedder, articles))
+            service_runs[backend].append(asyncio.run(time_service(embedder, articles)))
+    for backend, embedder in embedders.items():
+        model_s, service_s = min(model_runs[backend]), min(service_runs[backend])
         predicted = decisions(embedder)
         if reference is None:
             reference = predicted
@@ -152,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         row = {
             "model_articles_per_s": round(len(articles) / model_s, 1),
             "service_articles_per_s": round(len(articles) / service_s, 1),
+            "model_s_per_round": [round(x, 2) for x in model_runs[backend]],
+            "service_s_per_round": [round(x, 2) for x in service_runs[backend]],
             "ratio": round(model_s / service_s, 3),
             "dev_items_with_other_decisions": items_differ,
             "dev_topic_decisions_differing": differ,
