@@ -19,8 +19,10 @@ RUN pip install .
 RUN useradd --system --home /app newsmon && mkdir -p /data && chown newsmon /data
 USER newsmon
 # Beyond loopback the API needs NEWSMON_API_KEYS; the settings refuse to start without them.
+# The ONNX export of the model is made on the first start, into the data volume.
 ENV NEWSMON_DATABASE_URL=sqlite+aiosqlite:////data/newsmon.db \
-    NEWSMON_HTTP_HOST=0.0.0.0
+    NEWSMON_HTTP_HOST=0.0.0.0 \
+    XDG_CACHE_HOME=/data/cache
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s \
   CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"

@@ -128,12 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     passages = sum(len(split_passages(a.title, a.text)) for a in articles)
     results: dict[str, Any] = {"articles": len(articles), "passages": passages, "backends": {}}
     reference: list[set[str]] | None = None
-    cache = REPO / ".cache" / "newsmon-model"
     print(f"{len(articles)} articles, {passages} passages, batch {Settings().classify_batch_size}")
     header = f"{'backend':<10}{'model art/s':>13}{'service art/s':>15}{'ratio':>8}"
     print(header + f"{'decisions ≠ torch':>20}")
     backends: list[Backend] = args.backends.split(",")  # type: ignore[assignment]
-    embedders = {b: SentenceTransformerEmbedder(backend=b, cache_dir=cache) for b in backends}
+    embedders = {b: SentenceTransformerEmbedder(backend=b) for b in backends}
     for embedder in embedders.values():
         embedder.embed(["warm up the model"] * 8)
     # Rounds alternate the backends (torch, onnx, int8, torch, …) and each keeps its best: the

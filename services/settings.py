@@ -83,9 +83,13 @@ class Settings(BaseSettings):
     # classify
     model_device: Literal["cpu", "cuda"] = "cpu"
     model_backend: Literal["torch", "onnx", "onnx-int8"] = Field(
-        "torch", description="onnx / onnx-int8: exported once, offline, into model_cache_dir"
+        "onnx-int8",
+        description="onnx / onnx-int8: exported once, offline, into model_cache_dir; "
+        "int8 embeds about twice as fast as torch here",
     )
-    model_cache_dir: Path = Field(Path(".cache/newsmon-model"), description="ONNX exports")
+    model_cache_dir: Path | None = Field(
+        None, description="ONNX exports; default $XDG_CACHE_HOME/newsmon/model (~/.cache/…)"
+    )
     classify_batch_size: int = Field(64, ge=1, le=1024, description="articles per micro-batch")
     classify_batch_wait_s: float = Field(
         0.05, ge=0, description="how long a micro-batch waits to fill after its first article"

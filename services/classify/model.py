@@ -10,10 +10,12 @@ as the packaged model's modules do) are done here.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -40,7 +42,7 @@ class SentenceTransformerEmbedder:
         device: str = "cpu",
         batch_size: int = 64,
         backend: Backend = "torch",
-        cache_dir: Path = Path(".cache/newsmon-model"),
+        cache_dir: Path | None = None,
     ) -> None:
         # Set before sentence-transformers/transformers import: they read it at import time.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -60,7 +62,9 @@ class SentenceTransformerEmbedder:
         self.backend = backend
         self._onnx: _OnnxEncoder | None = None
         if backend != "torch":
-            self._onnx = _OnnxEncoder(self.model, cache_dir, quantized=backend == "onnx-int8")
+            self._onnx = _OnnxEncoder(
+                self.model, cache_dir or default_cache_dir(), quantized=backend == "onnx-int8"
+            )
             self._onnx.session_for(device)
 
     def embed(self, texts: Sequence[str]) -> Vectors:
@@ -82,6 +86,12 @@ class SentenceTransformerEmbedder:
         return int(self.model.get_sentence_embedding_dimension())
 
 
+def default_cache_dir() -> Path:
+    """Where the ONNX exports live: the user's cache, shared by every newsmon process."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "newsmon" / "model"
+
+
 class _OnnxEncoder:
     """The packaged model's transformer as an ONNX graph, run by ONNX Runtime."""
 
@@ -101,14 +111,22 @@ class _OnnxEncoder:
 
         # The tracer and the quantiser warn about graph details that do not apply to this
         # model (checked: the ONNX vectors equal torch's to 1e-6 at every length).
-        with self._export_lock, warnings.catch_warnings():
+        self._fp32.parent.mkdir(parents=True, exist_ok=True)
+        with (
+            self._export_lock,
+            _file_lock(self._fp32.parent / ".export-lock"),
+            warnings.catch_warnings(),
+        ):
+            # One export per cache, whichever process starts first; the others wait for it.
             warnings.simplefilter("ignore")
             if not self._fp32.is_file():
                 self._export()
             if self._quantized and not self._path.is_file():
                 from onnxruntime.quantization import QuantType, quantize_dynamic
 
-                quantize_dynamic(self._fp32, self._path, weight_type=QuantType.QInt8)
+                partial = self._path.with_suffix(".partial")
+                quantize_dynamic(self._fp32, partial, weight_type=QuantType.QInt8)
+                partial.replace(self._path)
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
             providers.insert(0, "CUDAExecutionProvider")
@@ -133,7 +151,6 @@ class _OnnxEncoder:
 
         sample = self._tokenizer(["a", "an example"], padding=True, return_tensors="pt")
         names = ["input_ids", "attention_mask", "token_type_ids"]
-        self._fp32.parent.mkdir(parents=True, exist_ok=True)
         partial = self._fp32.with_suffix(".partial")
         torch.onnx.export(
             LastHiddenState().to("cpu").eval(),
@@ -172,3 +189,13 @@ class _OnnxEncoder:
             norms = np.linalg.norm(pooled, axis=1, keepdims=True)
             out[rows] = pooled / np.clip(norms, 1e-12, None)
         return out
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
