@@ -3,19 +3,25 @@
 A delivery's id is derived from (subscription, article, topic), so a redelivered match never
 alerts twice. The next attempt's time is stored with the delivery, so a restart resumes the
 schedule where it stopped.
+
+The dispatcher reads due work with its subscriptions in one query (:meth:`DeliveryStore.due`)
+and records finished attempts many at a time (:meth:`DeliveryStore.record`): one transaction,
+a few statements, whatever the number of attempts in it.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection
+import json
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import cached_property
 from typing import Any
 
-from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy import and_, bindparam, func, insert, select, update
 from sqlalchemy.engine import RowMapping
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from newsmon.alerts.policy import PENDING, Decision, Outcome
 from newsmon.alerts.subscriptions import Subscription
@@ -54,6 +60,31 @@ class Delivery:
     created_at: datetime
     updated_at: datetime
 
+    @cached_property
+    def document(self) -> Any:
+        """The payload, decoded once (for whoever needs more than its bytes)."""
+        return json.loads(self.payload)
+
+
+@dataclass(frozen=True)
+class Due:
+    """A due delivery and its subscription, as one query reads them."""
+
+    delivery: Delivery
+    subscription: Subscription
+
+
+@dataclass(frozen=True)
+class FinishedAttempt:
+    """One attempt (of a delivery, or of a digest's deliveries) and what it means for them."""
+
+    delivery_ids: tuple[str, ...]
+    subscription_id: str
+    attempted_at: datetime
+    outcome: Outcome
+    decision: Decision
+    decided_at: datetime  # a retry waits from here
+
 
 @dataclass(frozen=True)
 class Attempt:
@@ -74,6 +105,8 @@ class DeliveryFilter:
 class DeliveryStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        # Subscriptions read with due work, by their stored values: validated once each.
+        self._subscriptions: dict[tuple[Any, ...], Subscription] = {}
 
     async def add(self, rows: list[NewDelivery]) -> int:
         """Record new deliveries as pending; rows whose id exists are ignored. Returns how many."""
@@ -114,8 +147,9 @@ class DeliveryStore:
         exclude: Collection[str] = (),
         exclude_subscriptions: Collection[str] = (),
         healthy_only: bool = False,
-    ) -> list[Delivery]:
-        """Pending deliveries whose next attempt is due, oldest first, for active subscriptions.
+    ) -> list[Due]:
+        """Pending deliveries whose next attempt is due, oldest first, for active subscriptions,
+        each with its subscription (one query).
 
         Deliveries of paused or disabled subscriptions wait; ``healthy_only`` leaves out
         subscriptions that are failing.
@@ -133,14 +167,28 @@ class DeliveryStore:
         if healthy_only:
             conditions.append(subscriptions.c.failing_since.is_(None))
         query = (
-            select(deliveries)
+            select(*deliveries.c, *_SUBSCRIPTION_COLUMNS)
             .join(subscriptions, subscriptions.c.id == deliveries.c.subscription_id)
             .where(and_(*conditions))
             .order_by(deliveries.c.next_attempt_at)
             .limit(limit)
         )
         async with self._engine.connect() as conn:
-            return [_delivery(r) for r in (await conn.execute(query)).mappings()]
+            rows = (await conn.execute(query)).all()
+        return [Due(_delivery(r._mapping), self._subscription(r[_SUB_FROM:])) for r in rows]
+
+    def _subscription(self, values: Sequence[Any]) -> Subscription:
+        """The subscription of a joined row; one object per distinct stored state, reused."""
+        key = tuple(values)
+        sub = self._subscriptions.get(key)
+        if sub is None:
+            if len(self._subscriptions) >= _SUBSCRIPTIONS_KEPT:
+                self._subscriptions.clear()
+            row = dict(zip(_SUBSCRIPTION_NAMES, values, strict=True))
+            row["topics"] = tuple(json.loads(row["topics"]))
+            del row["updated_at"]
+            sub = self._subscriptions[key] = Subscription.model_validate(row)
+        return sub
 
     async def next_due_at(self) -> datetime | None:
         """When the earliest pending delivery of an active subscription falls due."""
@@ -181,67 +229,86 @@ class DeliveryStore:
         outcome: Outcome,
         decision: Decision,
     ) -> None:
-        """Record one attempt (of a delivery, or of a digest's deliveries) and its consequences:
-        the deliveries' new status and next attempt, and the subscription's failure state."""
+        """Record one attempt; :meth:`record` records many at once."""
+        await self.record(
+            [
+                FinishedAttempt(
+                    tuple(delivery_ids), sub.id, attempted_at, outcome, decision, utcnow()
+                )
+            ]
+        )
+
+    async def record(self, finished: Sequence[FinishedAttempt]) -> None:
+        """Record attempts and their consequences in one transaction: every attempt in the log,
+        the deliveries' new status and next attempt, and the subscriptions' failure state.
+
+        ``finished`` is in the order the attempts ended: a subscription's last one says
+        whether it is failing now.
+        """
+        if not finished:
+            return
         now = utcnow()
-        values: dict[str, Any] = {
-            "status": decision.status,
-            "attempts": deliveries.c.attempts + 1,
-            "last_error": outcome.error,
-            "updated_at": now,
-        }
-        if decision.retry_in_s is not None:
-            values["next_attempt_at"] = now + timedelta(seconds=decision.retry_in_s)
-        async with self._engine.begin() as conn:
-            await conn.execute(
-                insert(attempts),
-                [
+        log: list[dict[str, Any]] = []
+        retried: list[dict[str, Any]] = []
+        ended: list[dict[str, Any]] = []
+        for f in finished:
+            outcome, decision = f.outcome, f.decision
+            latency_ms = round(outcome.latency_s * 1000, 3)
+            retry_at = (
+                f.decided_at + timedelta(seconds=decision.retry_in_s)
+                if decision.retry_in_s is not None
+                else None
+            )
+            for d in f.delivery_ids:
+                log.append(
                     {
                         "delivery_id": d,
-                        "attempted_at": attempted_at,
+                        "attempted_at": f.attempted_at,
                         "status_code": outcome.status_code,
-                        "latency_ms": round(outcome.latency_s * 1000, 3),
+                        "latency_ms": latency_ms,
                         "error": outcome.error,
                     }
-                    for d in delivery_ids
-                ],
-            )
-            await conn.execute(
-                update(deliveries).where(deliveries.c.id.in_(delivery_ids)).values(values)
-            )
-            await self._note_health(conn, sub, attempted_at, outcome, decision)
-
-    async def _note_health(
-        self,
-        conn: AsyncConnection,
-        sub: Subscription,
-        attempted_at: datetime,
-        outcome: Outcome,
-        decision: Decision,
-    ) -> None:
-        row = subscriptions.c
-        if outcome.ok:
-            await conn.execute(
-                update(subscriptions)
-                .where(row.id == sub.id, row.failing_since.is_not(None))
-                .values(failing_since=None)
-            )
-            return
-        await conn.execute(
-            update(subscriptions)
-            .where(row.id == sub.id, row.failing_since.is_(None))
-            .values(failing_since=attempted_at)
-        )
-        if decision.disable_reason:
-            await conn.execute(
-                update(subscriptions)
-                .where(row.id == sub.id, row.disabled_reason.is_(None))
-                .values(
-                    disabled_reason=decision.disable_reason,
-                    disabled_at=utcnow(),
-                    updated_at=utcnow(),
                 )
-            )
+                values = {"b_id": d, "b_status": decision.status, "b_error": outcome.error}
+                if retry_at is None:
+                    ended.append(values)
+                else:
+                    retried.append({**values, "b_next": retry_at})
+        recovered, failing, failing_again, disabled = _health(finished)
+        async with self._engine.begin() as conn:
+            await conn.execute(insert(attempts), log)
+            if retried:
+                await conn.execute(_RETRY.values(updated_at=now), retried)
+            if ended:
+                await conn.execute(_END.values(updated_at=now), ended)
+            row = subscriptions.c
+            if recovered:
+                await conn.execute(
+                    update(subscriptions)
+                    .where(row.id.in_(recovered), row.failing_since.is_not(None))
+                    .values(failing_since=None)
+                )
+            if failing:  # a run of failures begins, unless one is under way
+                await conn.execute(
+                    update(subscriptions)
+                    .where(row.id == bindparam("b_id"), row.failing_since.is_(None))
+                    .values(failing_since=bindparam("b_since")),
+                    failing,
+                )
+            if failing_again:  # failed after a success in this very batch
+                await conn.execute(
+                    update(subscriptions)
+                    .where(row.id == bindparam("b_id"))
+                    .values(failing_since=bindparam("b_since")),
+                    failing_again,
+                )
+            if disabled:
+                await conn.execute(
+                    update(subscriptions)
+                    .where(row.id == bindparam("b_id"), row.disabled_reason.is_(None))
+                    .values(disabled_reason=bindparam("b_reason"), disabled_at=now, updated_at=now),
+                    disabled,
+                )
 
     async def get(self, delivery_id: str) -> Delivery | None:
         async with self._engine.connect() as conn:
@@ -294,6 +361,51 @@ class DeliveryStore:
         query = select(func.count()).select_from(deliveries).where(deliveries.c.status == status)
         async with self._engine.connect() as conn:
             return int((await conn.execute(query)).scalar_one())
+
+
+# The subscription's columns in a due query, after the delivery's, under names of their own.
+_SUBSCRIPTION_NAMES = [c.name for c in subscriptions.c]
+_SUBSCRIPTION_COLUMNS = [c.label(f"sub_{c.name}") for c in subscriptions.c]
+_SUB_FROM = len(deliveries.c)
+_SUBSCRIPTIONS_KEPT = 10_000
+
+# A finished attempt's consequence for one delivery, for many deliveries at once (executemany).
+_SET_OUTCOME = update(deliveries).where(deliveries.c.id == bindparam("b_id"))
+_OUTCOME = {
+    "status": bindparam("b_status"),
+    "attempts": deliveries.c.attempts + 1,
+    "last_error": bindparam("b_error"),
+}
+_RETRY = _SET_OUTCOME.values(**_OUTCOME, next_attempt_at=bindparam("b_next"))
+_END = _SET_OUTCOME.values(**_OUTCOME)
+
+
+def _health(
+    finished: Sequence[FinishedAttempt],
+) -> tuple[list[str], list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """What a batch of attempts, in the order they ended, does to their subscriptions: those
+    that recovered (last attempt succeeded); those whose run of failures begins with the
+    batch's first failure unless one is under way; those that failed after succeeding in the
+    batch (their run begins at the first failure after the last success); and the disabled.
+    """
+    last_ok: dict[str, int] = {}
+    for i, f in enumerate(finished):
+        if f.outcome.ok:
+            last_ok[f.subscription_id] = i
+    since: dict[str, datetime] = {}
+    reasons: dict[str, str] = {}
+    for i, f in enumerate(finished):
+        sub = f.subscription_id
+        if not f.outcome.ok:
+            if i > last_ok.get(sub, -1):
+                since.setdefault(sub, f.attempted_at)
+            if f.decision.disable_reason:
+                reasons.setdefault(sub, f.decision.disable_reason)
+    recovered = [s for s in last_ok if s not in since]
+    failing = [{"b_id": s, "b_since": t} for s, t in since.items() if s not in last_ok]
+    again = [{"b_id": s, "b_since": t} for s, t in since.items() if s in last_ok]
+    disabled = [{"b_id": s, "b_reason": r} for s, r in reasons.items()]
+    return recovered, failing, again, disabled
 
 
 def _conditions(where: DeliveryFilter) -> list[Any]:

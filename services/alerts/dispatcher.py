@@ -3,26 +3,36 @@
 Attempts run concurrently, up to ``delivery_concurrency``. A subscription has at most
 ``delivery_per_subscription`` attempts in flight, and failing subscriptions share a lane of
 ``delivery_failing_lane``, so slow or dead endpoints never hold the slots healthy ones need.
+An endpoint not yet known to fail is slow once an attempt to it goes unanswered for
+``SLOW_AFTER_S``: from then until that attempt ends, its subscription is in the failing lane
+(nothing more starts for it) and its attempts leave the healthy ones' slots; open exchanges of
+every kind together stay within twice ``delivery_concurrency``.
 A digest subscription's due deliveries go out together, as one attempt.
+
+Finished attempts are recorded in batches (:class:`_Recorder`): whatever finished while the
+last write ran goes into the next transaction. An attempt's slot is free once its exchange
+ends, but its deliveries stay out of every query for due work until its outcome is written, so
+no delivery is ever started twice at once; at most as many outcomes as there are slots wait to
+be written. A crash before the write leaves the delivery pending as it was: it is sent again,
+under the same ``webhook-id``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
+import time
 from collections import Counter
-from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 from newsmon import metrics
 from newsmon.alerts.channels import Channel
-from newsmon.alerts.delivery_store import Delivery, DeliveryStore
+from newsmon.alerts.delivery_store import Delivery, DeliveryStore, FinishedAttempt
 from newsmon.alerts.payload import TEST_EVENT
 from newsmon.alerts.policy import DEAD, decide, digest_period
-from newsmon.alerts.subscription_store import SubscriptionStore
 from newsmon.alerts.subscriptions import Subscription
 from newsmon.events import utcnow
 from newsmon.logs import log_context
@@ -32,15 +42,108 @@ log = logging.getLogger(__name__)
 
 # The dispatcher looks for due retries at least this often, even when nothing wakes it.
 DISPATCH_IDLE_S = 1.0
+# Finished attempts wake the dispatcher a batch at a time; it looks for due work at most this
+# often, so that one query fills the slots that many of them freed.
+FILL_PAUSE_S = 0.005
+# An attempt unanswered this long makes its subscription slow: it joins the failing lane.
+SLOW_AFTER_S = 0.5
 # Most alerts in one digest email; more wait for the next one.
 DIGEST_MAX_ITEMS = 200
+# A batch of attempts that failed to record is tried once more after this pause; then its
+# deliveries are left pending, to be sent again (same webhook-id).
+RECORD_RETRY_S = 1.0
+# On stopping, the last outcomes get what is left of the attempts' deadline to be written, and
+# at least this long.
+RECORD_LAST_S = 2.0
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class _Flight:
+    """An attempt from its start until its outcome is written."""
+
     subscription_id: str
     failing: bool
     delivery_ids: tuple[str, ...]
+    started: float = field(default_factory=time.monotonic)
+    recording: bool = field(default=False)  # done talking; its outcome awaits the recorder
+    retry_at: datetime | None = field(default=None)
+
+
+class _Recorder:
+    """Writes finished attempts in batches: all that finished while the last write ran, in
+    one transaction. ``recorded`` is told of each batch once it is written (or given up on)."""
+
+    def __init__(self, store: DeliveryStore, recorded: Callable[[list[_Flight]], None]) -> None:
+        self._store = store
+        self._recorded = recorded
+        self._flights: list[_Flight] = []
+        self._attempts: list[FinishedAttempt] = []
+        self._ready = asyncio.Event()
+        self._closing = False
+        self._writing = 0  # attempts in the write under way
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="record attempts")
+
+    def add(self, flight: _Flight, attempt: FinishedAttempt) -> None:
+        flight.recording = True
+        self._flights.append(flight)
+        self._attempts.append(attempt)
+        self._ready.set()
+
+    async def close(self, timeout: float) -> None:
+        """Write what is left, for ``timeout`` seconds at most, then stop. What is not written
+        by then stays pending, to be sent again (under the same ids) after a restart."""
+        self._closing = True
+        self._ready.set()
+        task = self._task
+        if task is None:
+            return
+        try:
+            done, _ = await asyncio.wait([task], timeout=timeout)
+        finally:
+            if not task.done():  # timed out, or we are cancelled ourselves
+                task.cancel()
+        if not done:
+            log.warning(
+                "%d finished attempt(s) not recorded within %g s of stopping: left pending",
+                len(self._attempts) + self._writing, timeout,
+            )  # fmt: skip
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            if not self._attempts:
+                if self._closing:
+                    return
+                self._ready.clear()
+                await self._ready.wait()
+                continue
+            await asyncio.sleep(0)  # attempts ending in this same turn of the loop join in
+            flights, attempts = self._flights, self._attempts
+            self._flights, self._attempts = [], []
+            self._writing = len(attempts)
+            await self._write(attempts)
+            self._writing = 0
+            self._recorded(flights)
+
+    async def _write(self, attempts: list[FinishedAttempt]) -> None:
+        for last_try in (False, True):
+            try:
+                await self._store.record(attempts)
+                return
+            except Exception as exc:
+                ids = [d for a in attempts for d in a.delivery_ids]
+                shown = ",".join(ids[:5]) + (f" (+{len(ids) - 5})" if len(ids) > 5 else "")
+                if last_try:
+                    log.error(
+                        "%d attempt(s) failed to record, left pending to be sent again: %s: %r",
+                        len(attempts), shown, exc,
+                    )  # fmt: skip
+                    return
+                log.warning("%d attempt(s) failed to record, trying again: %r", len(attempts), exc)
+                await asyncio.sleep(RECORD_RETRY_S)
 
 
 class Dispatcher:
@@ -48,16 +151,18 @@ class Dispatcher:
         self,
         settings: Settings,
         deliveries: DeliveryStore,
-        subscriptions: SubscriptionStore,
         channels: Mapping[str, Channel],
     ) -> None:
         self._settings = settings
         self._deliveries = deliveries
-        self._subscriptions = subscriptions
         self._channels = channels
         self._rng = random.Random()  # noqa: S311  (jitter, not secrets)
         self._wake = asyncio.Event()
-        self._in_flight: dict[asyncio.Task[None], _Flight] = {}
+        self._flights: set[_Flight] = set()  # started and not yet recorded
+        self._recording = 0  # of those, the ones whose outcome awaits the recorder
+        self._tasks: dict[asyncio.Task[None], _Flight] = {}
+        self._recorder = _Recorder(deliveries, self._recorded)
+        self._next_retry: datetime | None = None  # the earliest retry this process recorded
 
     def wake(self) -> None:
         """Deliveries may be due now."""
@@ -71,16 +176,13 @@ class Dispatcher:
         return period is not None
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._recorder.start()
         try:
             while not stop.is_set():
                 self._wake.clear()
-                await self._fill()
-                # Sleep until the next retry falls due. What is due already and was not
-                # started waits for room, and a finishing attempt wakes us when there is some.
-                timeout = DISPATCH_IDLE_S
-                next_due = await self._deliveries.next_due_at()
-                if next_due is not None and (ahead := (next_due - utcnow()).total_seconds()) > 0:
-                    timeout = min(timeout, ahead)
+                looked = time.monotonic()
+                exhausted = await self._fill()
+                timeout = await self._idle_timeout(exhausted)
                 waiters = [
                     asyncio.ensure_future(self._wake.wait()),
                     asyncio.ensure_future(stop.wait()),
@@ -88,37 +190,81 @@ class Dispatcher:
                 await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 for waiter in waiters:
                     waiter.cancel()
+                pause = looked + FILL_PAUSE_S - time.monotonic()
+                if pause > 0 and not stop.is_set():
+                    await asyncio.sleep(pause)
         finally:
             await self._drain()
 
-    async def _fill(self) -> None:
-        """Start due attempts while there is room, within each subscription's share."""
+    async def _idle_timeout(self, exhausted: bool) -> float:
+        """How long to sleep unless woken: until the next retry falls due, at most a while.
+
+        What is due already and was not started waits for room, and a recorded attempt wakes
+        us when there is some. While attempts are in flight their deliveries count as due, so
+        the store's earliest due time says nothing: the retries recorded here say when.
+        """
+        timeout = DISPATCH_IDLE_S
+        if not exhausted:  # waiting for room: an attempt turning slow makes some
+            clock = time.monotonic()
+            turning = [
+                f.started + SLOW_AFTER_S - clock
+                for f in self._flights
+                if not f.recording and not f.failing and f.started + SLOW_AFTER_S > clock
+            ]
+            if turning:
+                timeout = min(timeout, min(turning))
+        now = utcnow()
+        if self._next_retry is not None:
+            if (ahead := (self._next_retry - now).total_seconds()) > 0:
+                timeout = min(timeout, ahead)
+            else:
+                self._next_retry = None
+        if exhausted and not self._flights:
+            next_due = await self._deliveries.next_due_at()
+            if next_due is not None and (ahead := (next_due - now).total_seconds()) > 0:
+                timeout = min(timeout, ahead)
+        return timeout
+
+    async def _fill(self) -> bool:
+        """Start due attempts while there is room, within each subscription's share.
+
+        True when every due delivery was seen (none waits beyond the last query's limit).
+        """
         settings = self._settings
+        concurrency = settings.delivery_concurrency
         while True:
-            room = settings.delivery_concurrency - len(self._in_flight)
+            # Slots are for attempts still talking to healthy endpoints. Those to failing or
+            # slow ones are the failing lane's; outcomes waiting to be written, and all open
+            # exchanges together, have bounds of their own.
+            talking = [f for f in self._flights if not f.recording]
+            slow_after = time.monotonic() - SLOW_AFTER_S
+            failing_subs = {
+                f.subscription_id for f in talking if f.failing or f.started < slow_after
+            }
+            healthy = sum(1 for f in talking if f.subscription_id not in failing_subs)
+            room = min(
+                concurrency - healthy,
+                2 * concurrency - len(talking),
+                concurrency - self._recording,
+            )
             if room <= 0:
-                return
-            per_sub = Counter(f.subscription_id for f in self._in_flight.values())
-            failing_subs = {f.subscription_id for f in self._in_flight.values() if f.failing}
+                return False
+            per_sub = Counter(f.subscription_id for f in talking)
             failing_room = settings.delivery_failing_lane - len(failing_subs)
             capped = failing_subs | {
                 s for s, n in per_sub.items() if n >= settings.delivery_per_subscription
             }
-            busy = {d for f in self._in_flight.values() for d in f.delivery_ids}
+            busy = {d for f in self._flights for d in f.delivery_ids}
             due = await self._deliveries.due(
                 room,
                 exclude=busy,
                 exclude_subscriptions=capped,
                 healthy_only=failing_room <= 0,
             )
-            subs = {
-                s.id: s
-                for s in await self._subscriptions.subscriptions({d.subscription_id for d in due})
-            }
             started = 0
-            for delivery in due:
-                sub = subs.get(delivery.subscription_id)
-                if sub is None or started >= room:
+            for item in due:
+                delivery, sub = item.delivery, item.subscription
+                if started >= room or delivery.id in busy:
                     continue
                 failing = sub.failing_since is not None
                 if failing and (sub.id in failing_subs or failing_room <= 0):
@@ -129,50 +275,76 @@ class Dispatcher:
                     if per_sub[sub.id]:
                         continue
                     rows = await self._deliveries.due_for(sub.id, DIGEST_MAX_ITEMS)
+                    rows = [r for r in rows if r.id not in busy]
+                    if not rows:
+                        continue
                 else:
                     rows = [delivery]
                 self._start(sub, rows, failing)
+                busy.update(r.id for r in rows)
                 per_sub[sub.id] += 1
                 started += 1
                 if failing:
                     failing_subs.add(sub.id)
                     failing_room -= 1
             # One subscription's backlog can fill a whole query; look again past it.
-            if started == 0 or len(due) < room:
-                return
+            if len(due) < room:
+                return True
+            if started == 0:
+                return False
 
     def _start(self, sub: Subscription, rows: list[Delivery], failing: bool) -> None:
+        flight = _Flight(sub.id, failing, tuple(r.id for r in rows))
+        self._flights.add(flight)
         # The task copies the context: every line it logs names its delivery.
         with log_context(delivery_id=rows[0].id, subscription=sub.id):
-            task = asyncio.create_task(self._attempt(sub, rows), name=f"deliver {rows[0].id}")
-        self._in_flight[task] = _Flight(sub.id, failing, tuple(r.id for r in rows))
-        task.add_done_callback(self._forget)
+            task = asyncio.create_task(
+                self._attempt(flight, sub, rows), name=f"deliver {rows[0].id}"
+            )
+        self._tasks[task] = flight
+        task.add_done_callback(self._ended)
 
-    def _forget(self, task: asyncio.Task[None]) -> None:
-        flight = self._in_flight.pop(task, None)
-        if not task.cancelled() and (exc := task.exception()) is not None and flight:
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """An attempt's task ended: its slot is free."""
+        flight = self._tasks.pop(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
             log.error(
-                "delivery %s to %s failed to record: %r",
+                "delivery %s to %s failed: %r",
                 ",".join(flight.delivery_ids), flight.subscription_id, exc,
             )  # fmt: skip
+        if not flight.recording:  # no outcome: the deliveries stay pending as they were
+            self._flights.discard(flight)
+        self._wake.set()
+
+    def _recorded(self, flights: list[_Flight]) -> None:
+        for flight in flights:
+            self._flights.discard(flight)
+            self._recording -= 1
+            if flight.retry_at is not None and (
+                self._next_retry is None or flight.retry_at < self._next_retry
+            ):
+                self._next_retry = flight.retry_at
         self._wake.set()
 
     async def _drain(self) -> None:
-        """Give attempts in flight one attempt's deadline to finish; the rest stay pending."""
-        if not self._in_flight:
-            return
-        _, unfinished = await asyncio.wait(
-            list(self._in_flight), timeout=self._settings.webhook_timeout_s
-        )
-        for task in unfinished:
-            task.cancel()
-        await asyncio.gather(*unfinished, return_exceptions=True)
+        """Give attempts in flight one attempt's deadline to finish, and record them; the rest
+        stay pending."""
+        deadline = time.monotonic() + self._settings.webhook_timeout_s
+        if self._tasks:
+            _, unfinished = await asyncio.wait(
+                list(self._tasks), timeout=self._settings.webhook_timeout_s
+            )
+            for task in unfinished:
+                task.cancel()
+            await asyncio.gather(*unfinished, return_exceptions=True)
+        await self._recorder.close(max(deadline - time.monotonic(), RECORD_LAST_S))
 
-    async def _attempt(self, sub: Subscription, rows: list[Delivery]) -> None:
+    async def _attempt(self, flight: _Flight, sub: Subscription, rows: list[Delivery]) -> None:
         attempted_at = utcnow()
         channel = self._channels[sub.channel]
         outcome = await channel.send(sub, rows)
         attempt = max(r.attempts for r in rows) + 1
+        decided_at = utcnow()
         decision = decide(
             outcome,
             attempts=attempt,
@@ -181,7 +353,7 @@ class Dispatcher:
             rng=self._rng,
             failing_since=sub.failing_since,
             disable_after_s=self._settings.subscription_disable_after_s,
-            now=utcnow(),
+            now=decided_at,
         )
         _count(sub.channel, decision.status, outcome.error is None, rows)
         where = f"delivery {rows[0].id}" + (f" (+{len(rows) - 1})" if len(rows) > 1 else "")
@@ -199,12 +371,14 @@ class Dispatcher:
                 )  # fmt: skip
         if decision.disable_reason and sub.disabled_reason is None:
             log.error("subscription %s (%s) disabled: %s", sub.id, target, decision.disable_reason)
-        await self._deliveries.finish_attempt(
-            [r.id for r in rows],
-            sub,
-            attempted_at=attempted_at,
-            outcome=outcome,
-            decision=decision,
+        if decision.retry_in_s is not None:
+            flight.retry_at = decided_at + timedelta(seconds=decision.retry_in_s)
+        self._recording += 1
+        self._recorder.add(
+            flight,
+            FinishedAttempt(
+                flight.delivery_ids, sub.id, attempted_at, outcome, decision, decided_at
+            ),
         )
 
 
@@ -213,8 +387,7 @@ def _count(channel: str, status: str, delivered: bool, rows: list[Delivery]) -> 
 
     Test events an operator asked for are no news: they count nowhere.
     """
-    payloads = [json.loads(row.payload) for row in rows]
-    news = [p for p in payloads if p["type"] != TEST_EVENT]
+    news = [row.document for row in rows if row.document["type"] != TEST_EVENT]
     if not news:
         return
     outcome = "delivered" if delivered else ("dead" if status == DEAD else "retry")

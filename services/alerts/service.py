@@ -104,7 +104,7 @@ class AlertsService:
             "email": EmailChannel(settings),
             "log": LogChannel(),
         }
-        self._dispatcher = Dispatcher(settings, self.deliveries, self.subscriptions, self._channels)
+        self._dispatcher = Dispatcher(settings, self.deliveries, self._channels)
 
     # lifecycle -----------------------------------------------------------------------------
 

@@ -63,6 +63,11 @@ deliveries = Table(
     Column("updated_at", UTCDateTime(), nullable=False),
     Index("ix_alerts_deliveries_due", "status", "next_attempt_at"),
     Index("ix_alerts_deliveries_subscription", "subscription_id", "created_at"),
+    # One subscription's due deliveries, found without the due index: PostgreSQL plans a
+    # dispatcher query over both tables as a loop over subscriptions when its statistics are
+    # missing or old (a new database, a burst of matches), and without this index each turn
+    # of that loop reads every due delivery.
+    Index("ix_alerts_deliveries_subscription_due", "subscription_id", "status", "next_attempt_at"),
 )
 
 attempts = Table(
