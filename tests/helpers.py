@@ -2,8 +2,8 @@
 scratch PostgreSQL database, loopback HTTP servers and webhook receivers, and the small builders
 and waits of the service tests.
 
-A plain module: ``conftest.py`` holds only fixtures, built from these; no test module imports
-another test module or ``conftest``.
+A plain module: ``conftest.py`` holds only the fixtures, built from these, and a test module
+imports what it shares from here, not from another test module or from ``conftest``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import inspect
 import json
 import os
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -27,25 +28,32 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import httpx
 import pytest
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from newsmon.alerts.delivery_store import delivery_id
-from newsmon.alerts.routes import build_public_router, build_router
-from newsmon.alerts.service import AlertsService
-from newsmon.alerts.subscriptions import Subscription
-from newsmon.api import build_app
 from newsmon.bus import MemoryBus, Message
-from newsmon.events import ARTICLES_FETCHED, ARTICLES_MATCHED, Article, ArticleMatched, Evidence
-from newsmon.events import TopicScore
-from newsmon.ingest.feeds import FeedCreate, FeedPublic, FeedSpec
-from newsmon.ingest.service import IngestService
+from newsmon.events import (
+    ARTICLES_FETCHED,
+    ARTICLES_MATCHED,
+    Article,
+    ArticleMatched,
+    Evidence,
+    TopicScore,
+)
 from newsmon.settings import Settings
-from newsmon.ssrf import Resolver, system_resolver
+
+# conftest and the pipeline benchmark import this module too: a service's own modules are
+# imported where its helpers use them, so that nothing else depends on them importing.
+if TYPE_CHECKING:
+    from newsmon.alerts.service import AlertsService
+    from newsmon.alerts.subscriptions import Subscription
+    from newsmon.ingest.feeds import FeedPublic
+    from newsmon.ingest.service import IngestService
+    from newsmon.ssrf import Resolver
 
 T = TypeVar("T")
 
@@ -61,7 +69,7 @@ POSTGRES_URL = os.environ.get(
 
 
 class Unavailable(Exception):
-    """A real part (the broker binary, PostgreSQL, the model, shared data) cannot be had here."""
+    """A real part (the broker binary, PostgreSQL) cannot be had here; see ``required``."""
 
 
 def unavailable(reason: str) -> NoReturn:
@@ -230,6 +238,11 @@ class Received:
     at: float  # time.monotonic() when it was read
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # a burst of connections at once is queued, not refused
+
+
 class LoopbackServer:
     """A real HTTP server on 127.0.0.1 whose replies a test sets per path, recording requests.
 
@@ -273,11 +286,13 @@ class LoopbackServer:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        self._httpd.request_queue_size = 1024  # a burst of webhooks (the pipeline benchmark)
+        self._httpd = _Server(("127.0.0.1", 0), Handler)
         self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        # serve_forever checks for shutdown() every poll_interval (0.5 s by default): short, so
+        # that closing a server does not hold up the end of each test.
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
         self._thread.start()
 
     def url(self, path: str) -> str:
@@ -356,6 +371,7 @@ async def until(condition: Callable[[], bool | Awaitable[bool]], timeout: float 
 
 # Alerts: events, a raw webhook receiver, the service with its API --------------------------------
 
+# The signing secret of the alerts tests' webhook subscriptions.
 SECRET = "whsec_" + base64.b64encode(b"alerts-test-secret-0123456789abcdef").decode()
 
 
@@ -463,15 +479,22 @@ async def serve_receiver() -> AsyncIterator[Receiver]:
 async def alerts(
     engine: Any,
     seeds: Sequence[Subscription] = (),
-    resolver: Resolver = system_resolver,
+    resolver: Resolver | None = None,
     **settings: Any,
 ) -> AsyncIterator[tuple[AlertsService, httpx.AsyncClient]]:
     """The alerts service running, and a client of the HTTP API app that serves its routes."""
+    from newsmon.alerts.routes import build_public_router, build_router
+    from newsmon.alerts.service import AlertsService
+    from newsmon.api import build_app
+    from newsmon.ssrf import system_resolver
+
     config = Settings(**{
         "webhook_retry_delays_s": [0.2, 0.2, 0.2], "webhook_timeout_s": 1,
         "webhook_retry_jitter": 0, "api_rate_burst": 10**6, **settings,
     })  # fmt: skip
-    service = AlertsService(config, MemoryBus(), engine, seeds, resolver=resolver)
+    service = AlertsService(
+        config, MemoryBus(), engine, seeds, resolver=resolver or system_resolver
+    )
 
     async def ready() -> dict[str, bool]:
         return {}
@@ -490,6 +513,8 @@ async def alerts(
 
 
 async def detail(api: httpx.AsyncClient, sub: str, article: str = "a1") -> dict[str, Any]:
+    from newsmon.alerts.delivery_store import delivery_id
+
     response = await api.get(f"/deliveries/{delivery_id(sub, article, 'fentanyl')}")
     assert response.status_code == 200, response.text
     result: dict[str, Any] = response.json()
@@ -527,6 +552,9 @@ async def ingest(
     engine: Any, bus: MemoryBus, urls: list[str], **overrides: Any
 ) -> AsyncIterator[IngestService]:
     """The service with ``urls`` registered: seeded on a fresh database, added after that."""
+    from newsmon.ingest.feeds import FeedCreate, FeedSpec
+    from newsmon.ingest.service import IngestService
+
     service = IngestService(
         ingest_settings(**overrides), bus, engine, [FeedSpec(url=u) for u in urls]
     )

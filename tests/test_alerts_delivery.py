@@ -5,83 +5,28 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import struct
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import httpx
 import pytest
 
 from newsmon.alerts.delivery_store import DeliveryStore, delivery_id
-from newsmon.alerts.routes import build_public_router, build_router
-from newsmon.alerts.service import AlertsService
 from newsmon.alerts.subscriptions import Subscription
-from newsmon.api import build_app
-from newsmon.bus import MemoryBus
-from newsmon.settings import Settings
-from newsmon.ssrf import Resolver, system_resolver
-from tests.test_alerts_service import SECRET, matched, message, until
-
-
-@dataclass
-class Hit:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    at: float
-
-
-@dataclass
-class Receiver:
-    """A raw asyncio HTTP/1.1 webhook receiver on loopback; ``mode`` picks its next answers:
-    200, 500, 410, 301, "429" (Retry-After), "timeout", "slow", "reset"."""
-
-    mode: str = "200"
-    retry_after: str = "1"
-    hits: list[Hit] = field(default_factory=list)
-    port: int = 0
-
-    def url(self, path: str = "/hook") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
-                headers = {
-                    k.strip().lower(): v.strip()
-                    for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)
-                }
-                body = await reader.readexactly(int(headers.get("content-length", 0)))
-                self.hits.append(Hit(lines[0].split()[1], headers, body, time.monotonic()))
-                mode = self.mode
-                if mode == "reset":
-                    sock = writer.get_extra_info("socket")
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    writer.transport.abort()
-                    return
-                if mode == "timeout":
-                    await asyncio.sleep(30)
-                if mode == "slow":
-                    await asyncio.sleep(0.5)
-                status, extra = {
-                    "429": ("429 Too Many Requests", f"Retry-After: {self.retry_after}\r\n"),
-                    "301": ("301 Moved Permanently", "Location: http://127.0.0.1:9/elsewhere\r\n"),
-                    "410": ("410 Gone", ""),
-                    "500": ("500 Internal Server Error", ""),
-                }.get(mode, ("200 OK", ""))
-                writer.write(f"HTTP/1.1 {status}\r\n{extra}Content-Length: 2\r\n\r\nok".encode())
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
+from tests.helpers import (
+    SECRET,
+    LoopbackServer,
+    Receiver,
+    Reply,
+    alerts,
+    detail,
+    matched,
+    message,
+    serve_receiver,
+    status_is,
+    until,
+)
 
 
 @pytest.fixture
@@ -90,73 +35,8 @@ async def receiver() -> AsyncIterator[Receiver]:
         yield r
 
 
-@asynccontextmanager
-async def serve_receiver() -> AsyncIterator[Receiver]:
-    r = Receiver()
-    handlers: set[asyncio.Task[None]] = set()
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        handlers.add(task)
-        try:
-            await r.handle(reader, writer)
-        finally:
-            handlers.discard(task)
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    r.port = server.sockets[0].getsockname()[1]
-    yield r
-    server.close()
-    for task in list(handlers):
-        task.cancel()
-    await asyncio.gather(*handlers, return_exceptions=True)
-    await server.wait_closed()
-
-
 def hook(sub_id: str, url: str) -> Subscription:
     return Subscription(id=sub_id, channel="webhook", url=url, secret=SECRET)
-
-
-@asynccontextmanager
-async def alerts(
-    engine: Any,
-    seeds: Sequence[Subscription] = (),
-    resolver: Resolver = system_resolver,
-    **settings: Any,
-) -> AsyncIterator[tuple[AlertsService, httpx.AsyncClient]]:
-    """The alerts service running, and a client of the HTTP API app that serves its routes."""
-    config = Settings(**{
-        "webhook_retry_delays_s": [0.2, 0.2, 0.2], "webhook_timeout_s": 1,
-        "webhook_retry_jitter": 0, "api_rate_burst": 10**6, **settings,
-    })  # fmt: skip
-    service = AlertsService(config, MemoryBus(), engine, seeds, resolver=resolver)
-
-    async def ready() -> dict[str, bool]:
-        return {}
-
-    app = build_app([build_router(service)], ready, config, [build_public_router(service)])
-    stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop))
-    try:
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://newsmon"
-        ) as api:
-            yield service, api
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
-
-
-async def detail(api: httpx.AsyncClient, sub: str, article: str = "a1") -> dict[str, Any]:
-    response = await api.get(f"/deliveries/{delivery_id(sub, article, 'fentanyl')}")
-    assert response.status_code == 200, response.text
-    result: dict[str, Any] = response.json()
-    return result
-
-
-async def status_is(api: httpx.AsyncClient, sub: str, want: str, article: str = "a1") -> bool:
-    return (await detail(api, sub, article))["status"] == want
 
 
 @pytest.mark.parametrize(
@@ -200,6 +80,23 @@ async def test_a_slow_receiver_within_the_deadline_succeeds(
         await until(lambda: status_is(api, "s1", "delivered"))
         log = (await detail(api, "s1"))["attempt_log"]
     assert len(log) == 1 and log[0]["latency_ms"] >= 450
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)  # 6 s of waiting: once is enough
+async def test_the_deadline_is_the_setting_not_httpx_default(engine: Any) -> None:
+    """A receiver answering in 6 s, beyond httpx's 5 s default, under an 8 s setting."""
+    server = LoopbackServer()
+    server.routes["/hook"] = Reply(200, b"ok", delay=6)
+    try:
+        hooked = hook("s1", server.url("/hook"))
+        async with alerts(engine, [hooked], webhook_timeout_s=8) as (service, api):
+            await service.handle_batch([message(matched())])
+            await until(lambda: status_is(api, "s1", "delivered"), timeout=20)
+            log = (await detail(api, "s1"))["attempt_log"]
+        assert len(log) == 1 and log[0]["error"] is None and log[0]["latency_ms"] >= 5900
+        assert len(server.requests_to("/hook")) == 1  # sent once, not again after a false failure
+    finally:
+        server.close()
 
 
 async def test_410_disables_the_subscription_until_it_is_resumed(

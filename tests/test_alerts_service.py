@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import inspect
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -20,36 +17,9 @@ from newsmon.alerts.policy import DEAD, DELIVERED
 from newsmon.alerts.service import AlertsService
 from newsmon.alerts.signing import verify
 from newsmon.alerts.subscriptions import Subscription
-from newsmon.bus import MemoryBus, Message
-from newsmon.events import ARTICLES_MATCHED, Article, ArticleMatched, Evidence, TopicScore
+from newsmon.bus import MemoryBus
 from newsmon.settings import Settings
-from tests.conftest import LoopbackServer, Reply
-
-SECRET = "whsec_" + base64.b64encode(b"alerts-test-secret-0123456789abcdef").decode()
-
-
-def matched(article_id: str = "a1", topics: dict[str, float] | None = None) -> ArticleMatched:
-    topics = topics or {"fentanyl": 0.8, "extradition": 0.3}
-    evidence = Evidence(
-        passage="the passage", nearest_positive="an example", positive_similarity=0.8
-    )
-    return ArticleMatched(
-        article=Article(article_id=article_id, feed_url="https://f.example/rss", title=f"Title {article_id}"),
-        scores=[
-            TopicScore(topic=t, topic_version=1, score=s, threshold=0.5, matched=s >= 0.5, evidence=evidence)
-            for t, s in topics.items()
-        ],
-        fetched_at=datetime.now(UTC),
-    )  # fmt: skip
-
-
-async def _value(result: bool | Awaitable[bool]) -> bool:
-    return await result if inspect.isawaitable(result) else result
-
-
-def message(event: ArticleMatched | bytes, offset: int = 0) -> Message:
-    value = event if isinstance(event, bytes) else event.encode()
-    return Message(ARTICLES_MATCHED, 0, offset, None, value)
+from tests.helpers import SECRET, LoopbackServer, Reply, matched, message, until
 
 
 def webhook(sub_id: str, server: LoopbackServer, path: str, **kw: Any) -> Subscription:
@@ -69,13 +39,6 @@ async def running(
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
-
-
-async def until(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not await _value(condition()):
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_one_signed_webhook_per_matched_topic(

@@ -13,7 +13,7 @@ from sqlalchemy import text
 from newsmon.bus import Bus, BusError, MemoryBus, Message, open_bus
 from newsmon.db import open_engine
 from newsmon.migrate import migrate, target_metadata
-from tests.conftest import Broker
+from tests.helpers import Broker
 
 
 async def database_engine(request: pytest.FixtureRequest, kind: str) -> Any:
@@ -193,7 +193,7 @@ def test_unknown_bus_url_is_refused_with_the_url() -> None:
 
 @pytest.mark.kafka
 async def test_kafka_publish_to_a_dead_broker_fails_within_bounded_time() -> None:
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     bus = open_bus(f"kafka://127.0.0.1:{free_port()}")
     started = time.monotonic()

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
-import hmac
-import json
 import os
 import signal
 import subprocess
@@ -24,7 +21,16 @@ import pytest
 
 from newsmon.runner import ROLES, serve
 from newsmon.settings import Settings
-from tests.conftest import ROOT, Broker, LoopbackServer, Received, Reply, free_port
+from tests.helpers import (
+    ROOT,
+    Broker,
+    LoopbackServer,
+    Reply,
+    free_port,
+    parse_metrics,
+    verify_standard_webhook,
+    write_seeds,
+)
 
 pytestmark = pytest.mark.model
 
@@ -60,52 +66,10 @@ def feed_with_seed_article() -> bytes:
     ).encode()
 
 
-def verify_standard_webhook(request: Received) -> dict[str, object]:
-    """Check the Standard Webhooks signature from first principles; return the decoded body."""
-    msg_id = request.headers["webhook-id"]
-    timestamp = request.headers["webhook-timestamp"]
-    assert abs(time.time() - int(timestamp)) < 300
-    key = base64.b64decode(SECRET.removeprefix("whsec_"))
-    expected = base64.b64encode(
-        hmac.new(key, f"{msg_id}.{timestamp}.".encode() + request.body, hashlib.sha256).digest()
-    ).decode()
-    offered = [s.removeprefix("v1,") for s in request.headers["webhook-signature"].split()]
-    assert expected in offered, "signature does not verify"
-    body = json.loads(request.body)
-    assert isinstance(body, dict)
-    return body
-
-
-def parse_metrics(exposition: str) -> dict[str, float]:
-    """Prometheus text format to ``{"name{labels}": value}``."""
-    values = {}
-    for line in exposition.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
-
-
 def metric_values() -> dict[str, float]:
     from newsmon.metrics import exposition
 
     return parse_metrics(exposition()[0].decode())
-
-
-def write_seeds(tmp_path: Path, server: LoopbackServer, secret: str | None) -> dict[str, str]:
-    """Seeds files for a test run; returns them as NEWSMON_* settings."""
-    (tmp_path / "feeds.toml").write_text(f'[[feeds]]\nurl = "{server.url("/feed.xml")}"\n')
-    secret_line = f'secret = "{secret}"' if secret else 'secret_env = "E2E_WEBHOOK_SECRET"'
-    (tmp_path / "subscriptions.toml").write_text(
-        f'[[subscriptions]]\nid = "e2e"\nchannel = "webhook"\nurl = "{server.url("/hook")}"\n'
-        f"{secret_line}\n"
-    )
-    return {
-        "NEWSMON_FEEDS_FILE": str(tmp_path / "feeds.toml"),
-        "NEWSMON_SUBSCRIPTIONS_FILE": str(tmp_path / "subscriptions.toml"),
-        "NEWSMON_TOPICS_FILE": str(ROOT / "seeds/topics.toml"),
-        "NEWSMON_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'newsmon.db'}",
-    }
 
 
 async def wait_for_webhooks(server: LoopbackServer, count: int, timeout: float) -> None:
@@ -120,7 +84,7 @@ async def wait_for_webhooks(server: LoopbackServer, count: int, timeout: float) 
 def check_alerts(server: LoopbackServer) -> float:
     """Exactly one verified webhook per seed topic, all for the seed article; returns latency."""
     hooks = server.requests_to("/hook")
-    bodies = [verify_standard_webhook(r) for r in hooks]
+    bodies = [verify_standard_webhook(r, SECRET) for r in hooks]
     topics = [b["data"]["topic"] for b in bodies]  # type: ignore[index]
     assert sorted(topics) == sorted(SEED_TOPICS)
     titles = {b["data"]["article"]["title"] for b in bodies}  # type: ignore[index]

@@ -20,9 +20,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from newsmon.alerts.delivery_store import delivery_id
 from newsmon.alerts.subscriptions import Subscription
 from newsmon.events import Article, ArticleMatched, Evidence, TopicScore
-from tests.conftest import free_port
-from tests.test_alerts_delivery import alerts, status_is
-from tests.test_alerts_service import matched, message, until
+from tests.helpers import alerts, free_port, matched, message, status_is, until
 
 ADDRESS = "analyst@example.org"
 

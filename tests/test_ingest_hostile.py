@@ -17,15 +17,8 @@ import pytest
 
 from newsmon.bus import MemoryBus
 from newsmon.events import ArticleFetched
-from tests.conftest import ROOT, SHARED, LoopbackServer, Reply
+from tests.helpers import ROOT, SHARED, LoopbackServer, Reply
 from tests.test_ingest_service import RSS_HEADERS, drain, ingest, rss, status_of
-
-
-@pytest.fixture(autouse=True)
-def _feeds_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The feed servers here listen on 127.0.0.1, which the feed guard refuses by default."""
-    monkeypatch.setenv("NEWSMON_FEED_ALLOW_PRIVATE", "true")
-
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

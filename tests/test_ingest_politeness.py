@@ -10,8 +10,6 @@ from datetime import timedelta
 from email.utils import format_datetime
 from typing import Any
 
-import pytest
-
 from newsmon.bus import MemoryBus
 from newsmon.events import utcnow
 from newsmon.ingest.fetcher import HostLimiter
@@ -26,12 +24,6 @@ from tests.helpers import (
     rss,
     status_of,
 )
-
-
-@pytest.fixture(autouse=True)
-def _feeds_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The feed servers here listen on 127.0.0.1, which the feed guard refuses by default."""
-    monkeypatch.setenv("NEWSMON_FEED_ALLOW_PRIVATE", "true")
 
 
 async def run_for(service: Any, seconds: float) -> None:

@@ -24,13 +24,6 @@ from tests.helpers import (
     status_of,
 )
 
-
-@pytest.fixture(autouse=True)
-def _feeds_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The feed servers here listen on 127.0.0.1, which the feed guard refuses by default."""
-    monkeypatch.setenv("NEWSMON_FEED_ALLOW_PRIVATE", "true")
-
-
 # Publishing -------------------------------------------------------------------------------------
 
 
@@ -373,7 +366,7 @@ async def test_each_feed_is_polled_once_per_due_time(
         http_server.routes[f"/once{i}"] = Reply(200, rss(f"o{i}"), RSS_HEADERS)
         urls.append(http_server.url(f"/once{i}"))
     bus = MemoryBus()
-    async with ingest(engine, bus, urls, poll_interval_s=3600, feed_allow_private=True) as service:
+    async with ingest(engine, bus, urls, poll_interval_s=3600) as service:
         store = service._store
         due_feeds = store.due_feeds
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, unavailable
+from tests.helpers import ROOT, unavailable
 
 KEY = "fuzz-admin-key-0123456789abcdef"
 
@@ -32,6 +32,19 @@ done
   --checks not_a_server_error --max-examples 6 --seed 20261127 \
   --header "Authorization: Bearer $KEY" --request-timeout 60 --no-color
 status=$?
+# Concurrent creation of one thing: ten at once, each kind; every answer is recorded.
+post() {
+  curl -s -o /dev/null -w "$1 %{http_code}\n" -X POST "http://127.0.0.1:8765$2" \
+    -H "Authorization: Bearer $KEY" -H "content-type: application/json" -d "$3"
+}
+(
+  for _ in $(seq 1 10); do
+    post topics /topics '{"slug": "race", "name": "Race", "description": "a race", "examples": ["a race"], "threshold": 0.6}' &
+    post feeds /feeds '{"url": "http://127.0.0.1:9/race.xml"}' &
+    post subscriptions /subscriptions '{"id": "race", "channel": "log"}' &
+  done
+  wait
+) > "$WORK/concurrent.txt"
 kill -TERM "$pid"
 wait "$pid"
 exit "$status"
@@ -61,6 +74,7 @@ def test_no_request_to_the_api_causes_a_server_error(tmp_path: Path) -> None:
         "NEWSMON_TOPICS_FILE": str(ROOT / "seeds/topics.toml"),
         "NEWSMON_SUBSCRIPTIONS_FILE": str(ROOT / "seeds/subscriptions.toml"),
         "NEWSMON_WEBHOOK_TIMEOUT_S": "2",
+        "NEWSMON_FEED_ALLOW_PRIVATE": "true",
     }
     result = subprocess.run(
         ["unshare", "-n", "bash", "-c", SCRIPT],
@@ -75,6 +89,12 @@ def test_no_request_to_the_api_causes_a_server_error(tmp_path: Path) -> None:
         + "\n--- newsmon log ---\n"
         + service_log[-4000:]
     )
+    # Ten concurrent creations of one topic, feed and subscription: one is made, the others
+    # are told why (422 for a taken slug or URL, 409 for a taken subscription id), none is a 5xx.
+    answers = [line.split() for line in (tmp_path / "concurrent.txt").read_text().splitlines()]
+    for kind, refusal in (("topics", "422"), ("feeds", "422"), ("subscriptions", "409")):
+        codes = sorted(code for k, code in answers if k == kind)
+        assert codes == sorted(["201"] + [refusal] * 9), (kind, codes)
     # It really ran: hundreds of generated requests across every operation, all passing.
     counts = re.search(r"(\d+) generated, (\d+) passed", result.stdout)
     assert counts is not None, result.stdout[-3000:]

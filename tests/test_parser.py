@@ -21,7 +21,7 @@ from newsmon.ingest.parser import (
     html_to_text,
     parse_feed,
 )
-from tests.conftest import ROOT, SHARED
+from tests.helpers import ROOT, SHARED
 
 SEED_FEED = ROOT / "seeds" / "feeds" / "seed-article.xml"
 CORPUS = SHARED / "corpus" / "feeds"

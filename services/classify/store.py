@@ -97,7 +97,17 @@ class TopicConflict(ValueError):
 
 
 async def seed_topics(engine: AsyncEngine, topics: Sequence[Topic], source: str) -> bool:
-    """Store ``topics`` if the store was never seeded; returns whether it seeded now."""
+    """Store ``topics`` if the store was never seeded; returns whether it seeded now.
+
+    Of two processes seeding at once, the second fails on the marker's key and seeds nothing.
+    """
+    try:
+        return await _seed_topics(engine, topics, source)
+    except IntegrityError:
+        return False
+
+
+async def _seed_topics(engine: AsyncEngine, topics: Sequence[Topic], source: str) -> bool:
     async with engine.begin() as conn:
         seeded = await conn.scalar(select(state_table.c.value).where(state_table.c.key == SEEDED))
         if seeded is not None:
