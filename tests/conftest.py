@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,9 @@ def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from newsmon.migrate import migrate_url
 
     path = tmp_path_factory.mktemp("schema") / "migrated.db"
-    asyncio.run(migrate_url(f"sqlite+aiosqlite:///{path}"))
+    # In a thread of its own: the first test that asks may already run in an event loop.
+    with ThreadPoolExecutor(1) as thread:
+        thread.submit(asyncio.run, migrate_url(f"sqlite+aiosqlite:///{path}")).result()
     return path
 
 
