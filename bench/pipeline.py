@@ -2,7 +2,8 @@
 
 Runs the real thing twice in one run, one after the other:
 
-- ``embedded``: ``newsmon run`` (memory bus, SQLite in a temporary directory), one subprocess;
+- ``embedded``: ``newsmon run`` as ``make run`` starts it (the durable ``database://`` bus, SQLite
+  in a temporary directory), one subprocess;
 - ``kafka``: ``newsmon classify``, ``newsmon alerts`` and ``newsmon ingest`` as three processes on
   a Tansu broker, sharing a fresh PostgreSQL database (SQLite in a temporary directory where
   PostgreSQL cannot be reached; the results say which).
@@ -24,11 +25,23 @@ phases:
   takes; throughput is the backlog items whose webhook arrived within 30 s, per second.
 
 Each service process is sampled from /proc with its children (the parser processes): peak
-resident set and CPU time. The machine is shared: the load average before and after each mode
-is recorded next to the figures.
+resident set (summed, and per process) and CPU time. The machine is shared: the load average
+before and after each mode is recorded next to the figures.
+
+Where the time goes: each steady item's webhook payload dates its ``fetched_at`` (ingest) and
+its match (classify), which cut it into poll wait, ingest, classify and alerts; the classify
+service logs one line per micro-batch with its stages (the oldest article's time queued since
+``fetched_at``, filling the batch, embedding, scoring, publishing the matches, recording them,
+committing the offsets), summarised per batch.
+
+``--compare REV`` measures another revision next to the working tree in the same run (the
+machine is shared and noisy, so only figures taken side by side compare): its ``services`` and
+``seeds`` are extracted with ``git archive`` into a temporary directory that goes first on the
+services' ``PYTHONPATH``; each round runs every mode for both, in alternating order, and the
+results hold each run and the after/before ratio of the medians over rounds.
 
     python -m bench.pipeline [--rate 20] [--seconds 30] [--burst 2000] [--burst-seconds 30]
-                             [--modes embedded,kafka]
+                             [--modes embedded,kafka] [--compare REV [--rounds 1]]
 
 Writes ``bench/results/pipeline.json``.
 """
@@ -42,6 +55,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import signal
 import statistics
 import subprocess
@@ -57,7 +71,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from email.utils import formatdate
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from xml.sax.saxutils import escape
 
 from tests.helpers import (
@@ -342,6 +356,19 @@ def _status_kb(pid: int, key: str) -> int:
     return 0
 
 
+def _role(pid: int, root: int) -> str:
+    """What a process of a sampled tree is, from its command line."""
+    if pid == root:
+        return "service"
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "gone"
+    if b"resource_tracker" in command:
+        return "resource-tracker"
+    return "worker" if b"spawn_main" in command else "child"
+
+
 class ProcessSampler:
     """Every 0.2 s, each process with its descendants (the parser processes): resident set
     summed (the peak is kept) and CPU time used."""
@@ -350,6 +377,8 @@ class ProcessSampler:
         self._pids = pids
         self.peak_kb = dict.fromkeys(pids, 0)
         self.own_peak_kb = dict.fromkeys(pids, 0)  # VmHWM: the kernel's own peak, not sampled
+        # Each process of each tree by its role (the service itself, a parser worker…).
+        self.member_peak_kb: dict[str, dict[int, tuple[str, int]]] = {name: {} for name in pids}
         self.cpu_ticks: dict[str, dict[int, int]] = {name: {} for name in pids}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -358,8 +387,12 @@ class ProcessSampler:
         while not self._stop.wait(0.2):
             for name, pid in self._pids.items():
                 tree = _tree(pid)
-                total = sum(_status_kb(p, "VmRSS") for p in tree)
-                self.peak_kb[name] = max(self.peak_kb[name], total)
+                rss = {p: _status_kb(p, "VmRSS") for p in tree}
+                self.peak_kb[name] = max(self.peak_kb[name], sum(rss.values()))
+                members = self.member_peak_kb[name]
+                for p, kb in rss.items():
+                    role = members[p][0] if p in members else _role(p, pid)
+                    members[p] = (role, max(kb, members.get(p, (role, 0))[1]))
                 self.own_peak_kb[name] = max(self.own_peak_kb[name], _status_kb(pid, "VmHWM"))
                 for p in tree:
                     self.cpu_ticks[name][p] = max(self.cpu_ticks[name].get(p, 0), _cpu_ticks(p))
@@ -379,6 +412,10 @@ class ProcessSampler:
                 "peak_rss_mb": round(self.peak_kb[name] / 1024, 1),
                 "own_peak_rss_mb": round(self.own_peak_kb[name] / 1024, 1),
                 "cpu_s": round(sum(self.cpu_ticks[name].values()) / hz, 1),
+                "peak_rss_mb_per_process": {
+                    f"{role} {pid}": round(kb / 1024, 1)
+                    for pid, (role, kb) in sorted(self.member_peak_kb[name].items())
+                },
             }
             for name in self._pids
         }
@@ -387,7 +424,9 @@ class ProcessSampler:
 # Processes ---------------------------------------------------------------------------------------
 
 
-def settings_env(workdir: Path, port: int, database_url: str, bus_url: str) -> dict[str, str]:
+def settings_env(
+    workdir: Path, port: int, database_url: str, bus_url: str, code: Path | None
+) -> dict[str, str]:
     (workdir / "feeds.toml").write_text(
         "".join(f'[[feeds]]\nurl = "http://127.0.0.1:{port}{p}"\n' for p in ("/steady.xml",
                                                                              "/burst.xml"))
@@ -397,6 +436,8 @@ def settings_env(workdir: Path, port: int, database_url: str, bus_url: str) -> d
         f'url = "http://127.0.0.1:{port}/hook"\nsecret = "{SECRET}"\ntopics = []\n'
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSMON_")}
+    if code is not None:  # another revision's package, found before the installed one
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code), env.get("PYTHONPATH")]))
     return env | {
         "NEWSMON_FEEDS_FILE": str(workdir / "feeds.toml"),
         "NEWSMON_SUBSCRIPTIONS_FILE": str(workdir / "subscriptions.toml"),
@@ -407,6 +448,7 @@ def settings_env(workdir: Path, port: int, database_url: str, bus_url: str) -> d
         "NEWSMON_POLL_INTERVAL_S": "0.5",
         "NEWSMON_WEBHOOK_ALLOW_LOOPBACK": "true",
         "NEWSMON_FEED_ALLOW_PRIVATE": "true",  # the feeds are served on loopback too
+        "NEWSMON_LOG_FORMAT": "json",  # classify's batch lines are read back, with their time
     }
 
 
@@ -481,8 +523,39 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
+_STAGE = re.compile(r"([a-z]+) ([0-9.]+) s")
+
+
+def batch_stages(log: Path, since: float, until: float) -> dict[str, Any]:
+    """The stages of classify's micro-batches logged between ``since`` and ``until`` (wall
+    clock), per batch: its lines read ``classified N article(s): queued 0.3 s, filling …``."""
+    stages: dict[str, list[float]] = {}
+    sizes: list[int] = []
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        message = str(entry.get("message", ""))
+        if entry.get("logger") != "newsmon.classify.service" or not message.startswith(
+            "classified "
+        ):
+            continue
+        if not since <= datetime.fromisoformat(entry["time"]).timestamp() <= until:
+            continue
+        head, _, tail = message.partition(": ")
+        sizes.append(int(head.split()[1]))
+        for stage, seconds in _STAGE.findall(tail):
+            stages.setdefault(stage, []).append(float(seconds))
+    return {
+        "batches": len(sizes),
+        "articles_per_batch": round(statistics.mean(sizes), 1) if sizes else None,
+        **{stage: summary(values) for stage, values in stages.items()},
+    }
+
+
 async def measure(
-    server: Loopback, plan: Plan, alive: dict[str, subprocess.Popen[bytes]]
+    server: Loopback, plan: Plan, alive: dict[str, subprocess.Popen[bytes]], classify_log: Path
 ) -> dict[str, Any]:
     rng = random.Random(6)
     filler = fillers(rng)
@@ -512,11 +585,13 @@ async def measure(
     count = int(plan.rate * plan.seconds)
     steady = [item("steady", i, rng.random() < ON_TOPIC_SHARE) for i in range(count)]
     t0 = time.monotonic() + 0.5
+    steady_from = time.time() + 0.5
     for i, s in enumerate(steady):
         server.add("/steady.xml", s, t0 + i / plan.rate)
     await asyncio.sleep(t0 + plan.seconds - time.monotonic())
     check_alive()
     await server.wait_for([s for s in steady if s.on_topic], deadline_s=90)
+    batches = batch_stages(classify_log, steady_from, time.time())
 
     # Burst: a backlog in the other feed, all at once; completions counted for a fixed time.
     backlog = [item("burst", i, True) for i in range(plan.burst)]
@@ -554,6 +629,8 @@ async def measure(
                 "classify": summary([i.stages[2] - i.stages[1] for i in staged]),
                 "alerts": summary([i.stages[3] - i.stages[2] for i in staged]),
             },
+            # Inside classify, per micro-batch (from its log; empty for a revision without it).
+            "classify_batches": batches,
         },
         "burst": {
             "items_offered": plan.burst,
@@ -578,33 +655,33 @@ def load_average() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
-async def run_embedded(plan: Plan, workdir: Path) -> dict[str, Any]:
+async def run_embedded(plan: Plan, workdir: Path, code: Path | None) -> dict[str, Any]:
     server = Loopback()
     exits: dict[str, int] = {}
     with server.serving():
         db = f"sqlite+aiosqlite:///{workdir / 'newsmon.db'}"
-        env = settings_env(workdir, server.port, db, "memory://")
+        env = settings_env(workdir, server.port, db, "database://", code)
         try:
             async with processes({"run": newsmon("run")}, env, workdir, exits) as running:
                 with ProcessSampler({name: p.pid for name, p in running.items()}) as sampler:
-                    result = await measure(server, plan, running)
+                    result = await measure(server, plan, running, workdir / "run.log")
         finally:
             check_exits(exits, workdir)
     return result | {"database": "sqlite", "processes": sampler.result(), "exit_codes": exits}
 
 
-async def run_kafka(plan: Plan, workdir: Path) -> dict[str, Any]:
+async def run_kafka(plan: Plan, workdir: Path, code: Path | None) -> dict[str, Any]:
     server = Loopback()
     exits: dict[str, int] = {}
     with server.serving(), database(workdir) as (db, kind), tansu() as broker:
-        env = settings_env(workdir, server.port, db, broker.url)
+        env = settings_env(workdir, server.port, db, broker.url, code)
         # Downstream first, so that consumers are in their groups when articles arrive.
         roles = {role: newsmon(role) for role in ("classify", "alerts", "ingest")}
         try:
             async with processes(roles, env, workdir, exits) as running:
                 pids = {name: p.pid for name, p in running.items()} | {"tansu": broker.process.pid}
                 with ProcessSampler(pids) as sampler:
-                    result = await measure(server, plan, running)
+                    result = await measure(server, plan, running, workdir / "classify.log")
         finally:
             check_exits(exits, workdir)
     return result | {
@@ -614,63 +691,160 @@ async def run_kafka(plan: Plan, workdir: Path) -> dict[str, Any]:
     }
 
 
-async def main(plan: Plan, modes: list[str]) -> dict[str, Any]:
+Code = Literal["before", "after"]
+
+
+@contextmanager
+def revision(rev: str) -> Iterator[Path]:
+    """A directory from which ``newsmon`` imports as it was at ``rev`` (seeds included)."""
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-rev-") as tmp:
+        src, path = Path(tmp) / "src", Path(tmp) / "path"
+        src.mkdir()
+        path.mkdir()
+        archive = subprocess.run(
+            ["git", "archive", rev, "services", "seeds"], cwd=REPO, check=True, capture_output=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+        # The package maps newsmon onto services/ and newsmon.seeds onto seeds/, as installed.
+        (src / "services" / "seeds").symlink_to(src / "seeds")
+        (path / "newsmon").symlink_to(src / "services")
+        yield path
+
+
+async def run_mode(mode: str, plan: Plan, code: Path | None) -> dict[str, Any]:
     runners = {"embedded": run_embedded, "kafka": run_kafka}
+    with tempfile.TemporaryDirectory(prefix=f"bench-pipeline-{mode}-") as tmp:
+        started, load = time.monotonic(), load_average()
+        result = await runners[mode](plan, Path(tmp), code)
+    return result | {
+        "wall_s": round(time.monotonic() - started, 1),
+        "load_average_1min": {"before": load, "after": load_average()},
+    }
+
+
+def figures(run: dict[str, Any]) -> dict[str, float]:
+    """The headline figures of one run of one mode (RSS and CPU: newsmon's processes)."""
+    steady = run["steady"]
+    newsmon = [p for name, p in run["processes"].items() if name != "tansu"]
+    return {
+        "p50_s": steady["appeared_to_webhook"].get("p50_s", float("nan")),
+        "p99_s": steady["appeared_to_webhook"].get("p99_s", float("nan")),
+        "classify_p99_s": steady["breakdown"]["classify"].get("p99_s", float("nan")),
+        "burst_per_s": run["burst"]["articles_per_s"],
+        "peak_rss_mb": round(sum(p["peak_rss_mb"] for p in newsmon)),
+        "cpu_s": round(sum(p["cpu_s"] for p in newsmon)),
+    }
+
+
+def ratios(after: list[dict[str, Any]], before: list[dict[str, Any]]) -> dict[str, float]:
+    """After / before, of each figure's median over the rounds."""
+    a, b = [figures(r) for r in after], [figures(r) for r in before]
+    return {
+        key: round(statistics.median(f[key] for f in a) / statistics.median(f[key] for f in b), 2)
+        for key in a[0]
+    }
+
+
+async def main(
+    plan: Plan, modes: list[str], compare: str | None = None, rounds: int = 1
+) -> dict[str, Any]:
+    """Each mode once; or with ``compare`` (a commit), ``rounds`` of each mode for that commit
+    and for the working tree."""
     results: dict[str, Any] = {"plan": dataclasses.asdict(plan), "cpus": os.cpu_count()}
-    for mode in modes:
-        with tempfile.TemporaryDirectory(prefix=f"bench-pipeline-{mode}-") as tmp:
-            started, load = time.monotonic(), load_average()
-            results[mode] = await runners[mode](plan, Path(tmp))
-            results[mode] |= {
-                "wall_s": round(time.monotonic() - started, 1),
-                "load_average_1min": {"before": load, "after": load_average()},
-            }
-    if {"embedded", "kafka"} <= results.keys():
-        e, k = results["embedded"], results["kafka"]
-        results["kafka_vs_embedded"] = {
-            f"{q}_ratio": round(k["steady"]["appeared_to_webhook"][f"{q}_s"]
-                                / e["steady"]["appeared_to_webhook"][f"{q}_s"], 2)
-            for q in ("p50", "p99")
-        } | {
-            "throughput_ratio": round(
-                k["burst"]["articles_per_s"] / e["burst"]["articles_per_s"], 2),
-        }  # fmt: skip
+    if compare is None:
+        for mode in modes:
+            results[mode] = await run_mode(mode, plan, None)
+        if {"embedded", "kafka"} <= results.keys():
+            e, k = results["embedded"], results["kafka"]
+            results["kafka_vs_embedded"] = {
+                f"{q}_ratio": round(k["steady"]["appeared_to_webhook"][f"{q}_s"]
+                                    / e["steady"]["appeared_to_webhook"][f"{q}_s"], 2)
+                for q in ("p50", "p99")
+            } | {
+                "throughput_ratio": round(
+                    k["burst"]["articles_per_s"] / e["burst"]["articles_per_s"], 2),
+            }  # fmt: skip
+        return results
+    results["compare"] = {"before": compare, "after": "the working tree", "rounds": rounds}
+    runs: dict[Code, dict[str, list[dict[str, Any]]]] = {
+        code: {mode: [] for mode in modes} for code in ("before", "after")
+    }
+    with revision(compare) as old:
+        for n in range(rounds):
+            for i, mode in enumerate(modes):
+                # Alternating which goes first, so that neither always meets the same load.
+                first: Code = "before" if (n + i) % 2 == 0 else "after"
+                order: tuple[Code, Code] = (first, "after" if first == "before" else "before")
+                for code in order:
+                    run = await run_mode(mode, plan, old if code == "before" else None)
+                    runs[code][mode].append(run | {"round": n + 1})
+    results |= runs
+    results["after_vs_before"] = {
+        mode: ratios(runs["after"][mode], runs["before"][mode]) for mode in modes
+    }
     return results
 
 
 def print_table(results: dict[str, Any]) -> None:
-    header = ("mode", "items", "webhk", "p50 s", "p99 s", "srv p50", "srv p99", "burst/s",
+    rows: list[tuple[str, dict[str, Any]]] = [
+        (mode, results[mode]) for mode in ("embedded", "kafka") if mode in results
+    ]
+    if "compare" in results:
+        rows = [
+            (f"{mode} {code} r{run['round']}", run)
+            for mode in ("embedded", "kafka")
+            for code in ("before", "after")
+            for run in results[code].get(mode, [])
+        ]
+    header = ("run", "items", "webhk", "p50 s", "p99 s", "srv p50", "srv p99", "burst/s",
               "RSS MB", "CPU s", "load")  # fmt: skip
-    print(f"{header[0]:<10}" + "".join(f"{h:>9}" for h in header[1:]))
-    for mode in ("embedded", "kafka"):
-        if mode not in results:
-            continue
-        r = results[mode]
+    width = max(10, *(len(label) + 2 for label, _ in rows))
+    print(f"{header[0]:<{width}}" + "".join(f"{h:>9}" for h in header[1:]))
+    for label, r in rows:
         s = r["steady"]
         latency, served = s["appeared_to_webhook"], s["served_to_webhook"]
-        newsmon = [p for name, p in r["processes"].items() if name != "tansu"]
+        f = figures(r)
         cells = (s["items"], s["with_webhook"], latency.get("p50_s"), latency.get("p99_s"),
-                 served.get("p50_s"), served.get("p99_s"), r["burst"]["articles_per_s"],
-                 round(sum(p["peak_rss_mb"] for p in newsmon)),
-                 round(sum(p["cpu_s"] for p in newsmon)),
-                 r["load_average_1min"]["before"])  # fmt: skip
-        print(f"{mode:<10}" + "".join(f"{c:>9}" for c in cells))
-    print("where the time goes (steady phase, p50 / p99 seconds):")
-    for mode in ("embedded", "kafka"):
-        if mode in results:
-            stages = results[mode]["steady"]["breakdown"]
-            cells = [f"{k} {v.get('p50_s')} / {v.get('p99_s')}" for k, v in stages.items()]
-            print(f"  {mode:<10}" + "; ".join(cells))
+                 served.get("p50_s"), served.get("p99_s"), f["burst_per_s"], f["peak_rss_mb"],
+                 f["cpu_s"], r["load_average_1min"]["before"])  # fmt: skip
+        print(f"{label:<{width}}" + "".join(f"{c:>9}" for c in cells))
+    print("where the time goes (steady phase, p50 / p99 seconds; classify's batches per batch):")
+    for label, r in rows:
+        stages = r["steady"]["breakdown"]
+        cells = [f"{k} {v.get('p50_s')} / {v.get('p99_s')}" for k, v in stages.items()]
+        print(f"  {label:<{width}}" + "; ".join(cells))
+        batches = r["steady"]["classify_batches"]
+        if batches["batches"]:
+            cells = [
+                f"{k} {v.get('p50_s')} / {v.get('p99_s')}"
+                for k, v in batches.items()
+                if isinstance(v, dict)
+            ]
+            print(
+                f"  {'':<{width}}{batches['batches']} batches of "
+                f"{batches['articles_per_batch']}: " + "; ".join(cells)
+            )
+    print("peak resident set per process, MB:")
+    for label, r in rows:
+        cells = [
+            f"{name}: " + ", ".join(f"{k} {v}" for k, v in p["peak_rss_mb_per_process"].items())
+            for name, p in r["processes"].items()
+        ]
+        print(f"  {label:<{width}}" + "; ".join(cells))
     if "kafka_vs_embedded" in results:
         ratio = results["kafka_vs_embedded"]
         print(
             f"kafka / embedded: p50 x{ratio['p50_ratio']}, p99 x{ratio['p99_ratio']}, "
             f"burst throughput x{ratio['throughput_ratio']}"
         )
+    for mode, ratio in results.get("after_vs_before", {}).items():
+        print(f"{mode} after / before: " + ", ".join(f"{k} x{v}" for k, v in ratio.items()))
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rate", type=float, default=20.0, help="steady items per second")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of the steady phase")
     parser.add_argument("--burst", type=int, default=2000, help="items in the backlog")
@@ -678,9 +852,20 @@ if __name__ == "__main__":
         "--burst-seconds", type=float, default=30.0, help="how long backlog completions count"
     )
     parser.add_argument("--modes", default="embedded,kafka")
+    parser.add_argument("--compare", metavar="REV", help="a revision to measure side by side")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of a --compare run")
     args = parser.parse_args()
+    commit = args.compare and subprocess.run(
+        ["git", "rev-parse", "--verify", f"{args.compare}^{{commit}}"],
+        cwd=REPO, check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
     outcome = asyncio.run(
-        main(Plan(args.rate, args.seconds, args.burst, args.burst_seconds), args.modes.split(","))
+        main(
+            Plan(args.rate, args.seconds, args.burst, args.burst_seconds),
+            args.modes.split(","),
+            commit or None,
+            args.rounds,
+        )
     )
     print_table(outcome)
     RESULTS.parent.mkdir(exist_ok=True)

@@ -172,11 +172,12 @@ async def test_micro_batches_wait_briefly_to_fill(engine: Any) -> None:
 
     async with bus.consumer([ARTICLES_FETCHED], "classify") as consumer:
         producer = asyncio.create_task(trickle())
-        batch = await service._next_batch(consumer)
+        batch, filling_s = await service._next_batch(consumer)
         await producer
         assert len(batch) == 5  # not 1: the batch waited for the others
+        assert 0.05 < filling_s < 5  # from the first article until the batch was taken
         started_at = time.monotonic()
-        assert await service._next_batch(consumer) == []
+        assert await service._next_batch(consumer) == ([], 0.0)
         assert time.monotonic() - started_at < 5
 
 

@@ -54,6 +54,7 @@ from newsmon.events import (
     EventError,
     TopicChanged,
     TopicScore,
+    utcnow,
 )
 from newsmon.logs import log_context
 from newsmon.settings import Settings
@@ -274,11 +275,19 @@ class ClassifyService:
         async with self.bus.consumer([ARTICLES_FETCHED], GROUP) as consumer:
             log.info("classify consuming %s", ARTICLES_FETCHED)
             while not stop.is_set():
-                batch = await self._next_batch(consumer)
+                batch, filling_s = await self._next_batch(consumer)
                 metrics.record_lag(GROUP, consumer.lag())
                 if batch:
-                    await self.handle_batch(batch)
+                    stages = {"filling": filling_s} | await self.handle_batch(batch)
+                    started = time.monotonic()
                     await consumer.commit()
+                    stages["committing"] = time.monotonic() - started
+                    # One line per batch says where its time went (bench.pipeline reads it).
+                    log.info(
+                        "classified %d article(s): %s",
+                        len(batch),
+                        ", ".join(f"{stage} {s:.3f} s" for stage, s in stages.items()),
+                    )
 
     async def _follow_topic_changes(self, stop: asyncio.Event) -> None:
         # A group of its own per process: each process must see every change.
@@ -291,20 +300,25 @@ class ClassifyService:
                     await self.reload_topics()
                     await consumer.commit()
 
-    async def _next_batch(self, consumer: Consumer) -> list[Message]:
+    async def _next_batch(self, consumer: Consumer) -> tuple[list[Message], float]:
         """Up to ``classify_batch_size`` messages, waiting at most ``classify_batch_wait_s``
-        after the first for the batch to fill."""
+        after the first for the batch to fill; and the seconds spent filling it."""
         size = self.settings.classify_batch_size
         batch = await consumer.poll(size, timeout=0.5)
         if not batch:
-            return batch
-        deadline = time.monotonic() + self.settings.classify_batch_wait_s
+            return batch, 0.0
+        first = time.monotonic()
+        deadline = first + self.settings.classify_batch_wait_s
         while len(batch) < size and (remaining := deadline - time.monotonic()) > 0:
             batch += await consumer.poll(size - len(batch), timeout=remaining)
-        return batch
+        return batch, time.monotonic() - first
 
-    async def handle_batch(self, messages: list[Message]) -> None:
-        """Classify a batch; whatever cannot be processed is dead-lettered, never lost."""
+    async def handle_batch(self, messages: list[Message]) -> dict[str, float]:
+        """Classify a batch; whatever cannot be processed is dead-lettered, never lost.
+
+        Returns the seconds each stage took: ``queued`` (the oldest article, from ingest's
+        ``fetched_at`` to now), ``embedding``, ``scoring``, ``publishing`` and ``recording``.
+        """
         # Which member of the group works on which partitions, visible in each process's log.
         log.info(
             "classifying %d article(s) from %s",
@@ -319,9 +333,18 @@ class ClassifyService:
                 # Retrying a malformed message cannot help: straight to the dead letters.
                 await self._dead_letter(message, f"malformed event: {exc}", attempts=1)
         if not events:
-            return
+            return {}
+        stages = {"queued": (utcnow() - min(e.fetched_at for _, e in events)).total_seconds()}
+        clock = time.monotonic()
+
+        def lap(stage: str) -> None:
+            nonlocal clock
+            now = time.monotonic()
+            stages[stage], clock = now - clock, now
+
         indexes = self._indexes
         results = await asyncio.to_thread(self._embed, [event for _, event in events])
+        lap("embedding")
         classified: list[store.Classified] = []
         matches: list[ArticleMatched] = []
         for (message, event), result in zip(events, results, strict=True):
@@ -351,10 +374,14 @@ class ClassifyService:
                     matches.append(matched)
                     matched_id = matched.event_id
                 classified.append(store.Classified(event.article, result, matched_id, scores))
+        lap("scoring")
         # Published together: one round trip per batch to the broker, not one per article.
         await asyncio.gather(*(self._publish_match(m) for m in matches))
+        lap("publishing")
         if classified:
             await store.record(self.engine, classified, self.settings.classify_recent_articles)
+        lap("recording")
+        return stages
 
     async def _publish_match(self, matched: ArticleMatched) -> None:
         await self.bus.publish(
