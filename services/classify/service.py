@@ -104,6 +104,7 @@ class ClassifyService:
             device=settings.model_device,
             backend=settings.model_backend,
             cache_dir=settings.model_cache_dir,
+            model_path=settings.model_path,
         )
         seeds = load_topics(settings.topics_file)
         return cls(settings, bus, engine, embedder, seeds, seeds_source=str(settings.topics_file))
