@@ -34,14 +34,15 @@ service logs one line per micro-batch with its stages (the oldest article's time
 ``fetched_at``, filling the batch, embedding, scoring, publishing the matches, recording them,
 committing the offsets), summarised per batch.
 
-``--compare REV`` measures another revision next to the working tree in the same run (the
-machine is shared and noisy, so only figures taken side by side compare): its ``services`` and
-``seeds`` are extracted with ``git archive`` into a temporary directory that goes first on the
-services' ``PYTHONPATH``; each round runs every mode for both, in alternating order, and the
-results hold each run and the after/before ratio of the medians over rounds.
+``--compare REV[,REV…]`` measures other revisions next to the working tree in the same run (the
+machine is shared and noisy, so only figures taken side by side compare): each one's
+``services`` and ``seeds`` are extracted with ``git archive`` into a temporary directory that
+goes first on the services' ``PYTHONPATH``; each round runs every mode for each, in an order
+that turns, and the results hold every run and, for each, the ratios to the first revision of
+the medians over rounds.
 
     python -m bench.pipeline [--rate 20] [--seconds 30] [--burst 2000] [--burst-seconds 30]
-                             [--modes embedded,kafka] [--compare REV [--rounds 1]]
+                             [--modes embedded,kafka] [--compare REV[,REV…] [--rounds 1]]
 
 Writes ``bench/results/pipeline.json``.
 """
@@ -65,13 +66,13 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.utils import formatdate
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from xml.sax.saxutils import escape
 
 from tests.helpers import (
@@ -691,13 +692,13 @@ async def run_kafka(plan: Plan, workdir: Path, code: Path | None) -> dict[str, A
     }
 
 
-Code = Literal["before", "after"]
+TREE = "tree"  # the working tree's label in a comparison
 
 
 @contextmanager
 def revision(rev: str) -> Iterator[Path]:
     """A directory from which ``newsmon`` imports as it was at ``rev`` (seeds included)."""
-    with tempfile.TemporaryDirectory(prefix="bench-pipeline-rev-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"bench-pipeline-{rev[:8]}-") as tmp:
         src, path = Path(tmp) / "src", Path(tmp) / "path"
         src.mkdir()
         path.mkdir()
@@ -746,12 +747,12 @@ def ratios(after: list[dict[str, Any]], before: list[dict[str, Any]]) -> dict[st
 
 
 async def main(
-    plan: Plan, modes: list[str], compare: str | None = None, rounds: int = 1
+    plan: Plan, modes: list[str], compare: Sequence[str] = (), rounds: int = 1
 ) -> dict[str, Any]:
-    """Each mode once; or with ``compare`` (a commit), ``rounds`` of each mode for that commit
-    and for the working tree."""
+    """Each mode once; or, given commits to ``compare``, ``rounds`` of each mode for each of
+    them and for the working tree."""
     results: dict[str, Any] = {"plan": dataclasses.asdict(plan), "cpus": os.cpu_count()}
-    if compare is None:
+    if not compare:
         for mode in modes:
             results[mode] = await run_mode(mode, plan, None)
         if {"embedded", "kafka"} <= results.keys():
@@ -765,22 +766,26 @@ async def main(
                     k["burst"]["articles_per_s"] / e["burst"]["articles_per_s"], 2),
             }  # fmt: skip
         return results
-    results["compare"] = {"before": compare, "after": "the working tree", "rounds": rounds}
-    runs: dict[Code, dict[str, list[dict[str, Any]]]] = {
-        code: {mode: [] for mode in modes} for code in ("before", "after")
+    codes = [rev[:8] for rev in compare] + [TREE]
+    results["compare"] = {"revisions": list(compare), "rounds": rounds}
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+        code: {mode: [] for mode in modes} for code in codes
     }
-    with revision(compare) as old:
+    with ExitStack() as stack:
+        paths: dict[str, Path | None] = {TREE: None}
+        for rev, code in zip(compare, codes, strict=False):
+            paths[code] = stack.enter_context(revision(rev))
         for n in range(rounds):
             for i, mode in enumerate(modes):
-                # Alternating which goes first, so that neither always meets the same load.
-                first: Code = "before" if (n + i) % 2 == 0 else "after"
-                order: tuple[Code, Code] = (first, "after" if first == "before" else "before")
-                for code in order:
-                    run = await run_mode(mode, plan, old if code == "before" else None)
+                # The order turns each time, so that none always meets the same load.
+                turn = (n + i) % len(codes)
+                for code in codes[turn:] + codes[:turn]:
+                    run = await run_mode(mode, plan, paths[code])
                     runs[code][mode].append(run | {"round": n + 1})
-    results |= runs
-    results["after_vs_before"] = {
-        mode: ratios(runs["after"][mode], runs["before"][mode]) for mode in modes
+    results["runs"] = runs
+    results[f"vs_{codes[0]}"] = {
+        code: {mode: ratios(runs[code][mode], runs[codes[0]][mode]) for mode in modes}
+        for code in codes[1:]
     }
     return results
 
@@ -793,8 +798,8 @@ def print_table(results: dict[str, Any]) -> None:
         rows = [
             (f"{mode} {code} r{run['round']}", run)
             for mode in ("embedded", "kafka")
-            for code in ("before", "after")
-            for run in results[code].get(mode, [])
+            for code, runs in results["runs"].items()
+            for run in runs.get(mode, [])
         ]
     header = ("run", "items", "webhk", "p50 s", "p99 s", "srv p50", "srv p99", "burst/s",
               "RSS MB", "CPU s", "load")  # fmt: skip
@@ -837,8 +842,12 @@ def print_table(results: dict[str, Any]) -> None:
             f"kafka / embedded: p50 x{ratio['p50_ratio']}, p99 x{ratio['p99_ratio']}, "
             f"burst throughput x{ratio['throughput_ratio']}"
         )
-    for mode, ratio in results.get("after_vs_before", {}).items():
-        print(f"{mode} after / before: " + ", ".join(f"{k} x{v}" for k, v in ratio.items()))
+    for key, by_code in results.items():
+        if key.startswith("vs_"):
+            for code, by_mode in by_code.items():
+                for mode, ratio in by_mode.items():
+                    cells = ", ".join(f"{k} x{v}" for k, v in ratio.items())
+                    print(f"{mode} {code} / {key[3:]}: {cells}")
 
 
 if __name__ == "__main__":
@@ -852,18 +861,23 @@ if __name__ == "__main__":
         "--burst-seconds", type=float, default=30.0, help="how long backlog completions count"
     )
     parser.add_argument("--modes", default="embedded,kafka")
-    parser.add_argument("--compare", metavar="REV", help="a revision to measure side by side")
+    parser.add_argument(
+        "--compare", metavar="REV[,REV…]", help="revisions to measure next to the working tree"
+    )
     parser.add_argument("--rounds", type=int, default=1, help="rounds of a --compare run")
     args = parser.parse_args()
-    commit = args.compare and subprocess.run(
-        ["git", "rev-parse", "--verify", f"{args.compare}^{{commit}}"],
-        cwd=REPO, check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
+    commits = [
+        subprocess.run(
+            ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"],
+            cwd=REPO, check=True, capture_output=True, text=True,
+        ).stdout.strip()
+        for rev in (args.compare.split(",") if args.compare else [])
+    ]  # fmt: skip
     outcome = asyncio.run(
         main(
             Plan(args.rate, args.seconds, args.burst, args.burst_seconds),
             args.modes.split(","),
-            commit or None,
+            commits,
             args.rounds,
         )
     )
