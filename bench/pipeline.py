@@ -34,15 +34,15 @@ service logs one line per micro-batch with its stages (the oldest article's time
 ``fetched_at``, filling the batch, embedding, scoring, publishing the matches, recording them,
 committing the offsets), summarised per batch.
 
-``--compare REV[,REV…]`` measures other revisions next to the working tree in the same run (the
-machine is shared and noisy, so only figures taken side by side compare): each one's
-``services`` and ``seeds`` are extracted with ``git archive`` into a temporary directory that
-goes first on the services' ``PYTHONPATH``; each round runs every mode for each, in an order
-that turns, and the results hold every run and, for each, the ratios to the first revision of
-the medians over rounds.
+``--compare REV,REV[,…]`` measures revisions side by side in one run (the machine is shared and
+noisy, so only figures taken together compare); ``tree`` names the working tree. Each
+revision's ``services`` and ``seeds`` are extracted with ``git archive`` into a temporary
+directory that goes first on the services' ``PYTHONPATH``; each round runs every mode for
+each, in an order that turns, and the results hold every run and the ratios of each to the
+first (of the medians over rounds).
 
     python -m bench.pipeline [--rate 20] [--seconds 30] [--burst 2000] [--burst-seconds 30]
-                             [--modes embedded,kafka] [--compare REV[,REV…] [--rounds 1]]
+                             [--modes embedded,kafka] [--compare REV,REV[,…] [--rounds 1]]
 
 Writes ``bench/results/pipeline.json``.
 """
@@ -692,7 +692,7 @@ async def run_kafka(plan: Plan, workdir: Path, code: Path | None) -> dict[str, A
     }
 
 
-TREE = "tree"  # the working tree's label in a comparison
+TREE = "tree"  # the working tree, in a comparison
 
 
 @contextmanager
@@ -749,8 +749,8 @@ def ratios(after: list[dict[str, Any]], before: list[dict[str, Any]]) -> dict[st
 async def main(
     plan: Plan, modes: list[str], compare: Sequence[str] = (), rounds: int = 1
 ) -> dict[str, Any]:
-    """Each mode once; or, given commits to ``compare``, ``rounds`` of each mode for each of
-    them and for the working tree."""
+    """Each mode once; or, given commits (or ``tree``) to ``compare``, ``rounds`` of each mode
+    for each of them."""
     results: dict[str, Any] = {"plan": dataclasses.asdict(plan), "cpus": os.cpu_count()}
     if not compare:
         for mode in modes:
@@ -766,15 +766,16 @@ async def main(
                     k["burst"]["articles_per_s"] / e["burst"]["articles_per_s"], 2),
             }  # fmt: skip
         return results
-    codes = [rev[:8] for rev in compare] + [TREE]
+    codes = [rev[:8] for rev in compare]
     results["compare"] = {"revisions": list(compare), "rounds": rounds}
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {
         code: {mode: [] for mode in modes} for code in codes
     }
     with ExitStack() as stack:
-        paths: dict[str, Path | None] = {TREE: None}
-        for rev, code in zip(compare, codes, strict=False):
-            paths[code] = stack.enter_context(revision(rev))
+        paths = {
+            code: None if rev == TREE else stack.enter_context(revision(rev))
+            for rev, code in zip(compare, codes, strict=True)
+        }
         for n in range(rounds):
             for i, mode in enumerate(modes):
                 # The order turns each time, so that none always meets the same load.
@@ -862,12 +863,14 @@ if __name__ == "__main__":
     )
     parser.add_argument("--modes", default="embedded,kafka")
     parser.add_argument(
-        "--compare", metavar="REV[,REV…]", help="revisions to measure next to the working tree"
+        "--compare",
+        metavar="REV,REV[,…]",
+        help=f"revisions to measure side by side ({TREE}: the working tree)",
     )
     parser.add_argument("--rounds", type=int, default=1, help="rounds of a --compare run")
     args = parser.parse_args()
     commits = [
-        subprocess.run(
+        rev if rev == TREE else subprocess.run(
             ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"],
             cwd=REPO, check=True, capture_output=True, text=True,
         ).stdout.strip()
