@@ -115,8 +115,11 @@ def _guard(keys: list[ApiKey], limiter: RateLimiter) -> Callable[[Request], Awai
             if decision.status == 403:
                 raise HTTPException(403, decision.reason)
             who = f"key:{decision.key.name}" if decision.key else "?"
+            # Who did it, for what the request records (a label names its author).
+            request.state.actor = f"key {decision.key.name}" if decision.key else "?"
         else:
             who = f"addr:{address}"
+            request.state.actor = f"client {address} (no API keys configured)"
         limit(who)
 
     return check

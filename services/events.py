@@ -106,8 +106,20 @@ class ArticleFetched(Event):
     fetched_at: datetime = Field(default_factory=utcnow)
 
 
+class LabelEvidence(BaseModel):
+    """An article an operator labelled for the topic, as near as it came to the scored one."""
+
+    model_config = ConfigDict(frozen=True)
+
+    label_id: str
+    article_id: str
+    title: str
+    similarity: float
+
+
 class Evidence(BaseModel):
-    """Why a topic scored what it did: the deciding passage and the examples nearest to it."""
+    """Why a topic scored what it did: the deciding passage, the examples nearest to it, and
+    the labelled articles that moved the score."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -120,6 +132,12 @@ class Evidence(BaseModel):
     # vetoed a match (a score above the threshold does not match when this is set).
     required_term: str | None = None
     rejected_by: str | None = None
+    # The vote of the nearest examples (0..1), and its calibrated confidence before any label
+    # counted; the score is that confidence moved by the labelled articles named below.
+    vote: float | None = None
+    calibrated: float | None = None
+    relevant_label: LabelEvidence | None = None
+    not_relevant_label: LabelEvidence | None = None
 
 
 class TopicScore(BaseModel):

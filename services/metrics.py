@@ -24,6 +24,9 @@ ITEMS_SKIPPED = Counter(
 )
 ARTICLES_CLASSIFIED = Counter("newsmon_articles_classified_total", "Articles scored by classify")
 ARTICLES_MATCHED = Counter("newsmon_articles_matched_total", "Article-topic matches", ["topic"])
+LABELS = Counter(
+    "newsmon_labels_total", "Labels given to topics, by where they came from", ["topic", "source"]
+)
 DELIVERIES = Counter(
     "newsmon_deliveries_total",
     "Delivery attempts by channel and outcome (delivered, retry, dead)",

@@ -31,11 +31,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import httpx
+import numpy as np
 import pytest
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from newsmon.bus import MemoryBus, Message
+from newsmon.classify.model import Vectors
 from newsmon.events import (
     ARTICLES_FETCHED,
     ARTICLES_MATCHED,
@@ -581,3 +583,27 @@ async def drain(bus: MemoryBus, group: str = "test") -> list[Message]:
 async def status_of(service: IngestService, url: str) -> FeedPublic:
     """The registry's record of the feed at ``url``."""
     return next(s for s in await service.feeds() if s.url == url)
+
+
+# Classify ---------------------------------------------------------------------------------------
+
+WORDS = ("fentanyl", "weather", "football")
+
+
+class WordEmbedder:
+    """Embeds a text as the unit vector of which of three words it mentions."""
+
+    def __init__(self, fail_on: str | None = None) -> None:
+        self.fail_on = fail_on
+        self.calls = 0
+        self.batches: list[int] = []
+
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        self.calls += 1
+        self.batches.append(len(texts))
+        if self.fail_on and any(self.fail_on in t for t in texts):
+            raise RuntimeError("model failure")
+        rows = np.array(
+            [[float(w in t.lower()) for w in WORDS] + [0.01] for t in texts], dtype=np.float32
+        )
+        return rows / np.linalg.norm(rows, axis=1, keepdims=True)

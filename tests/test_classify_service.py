@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 
 from newsmon.bus import Bus, MemoryBus, Message, open_bus
 from newsmon.classify import store
-from newsmon.classify.model import Vectors
 from newsmon.classify.routes import build_router
 from newsmon.classify.service import ClassifyService
 from newsmon.classify.topics import Topic
@@ -32,28 +30,7 @@ from newsmon.events import (
     ArticleMatched,
 )
 from newsmon.settings import Settings
-
-WORDS = ("fentanyl", "weather", "football")
-
-
-class WordEmbedder:
-    """Embeds a text as the unit vector of which of three words it mentions."""
-
-    def __init__(self, fail_on: str | None = None) -> None:
-        self.fail_on = fail_on
-        self.calls = 0
-        self.batches: list[int] = []
-
-    def embed(self, texts: Sequence[str]) -> Vectors:
-        self.calls += 1
-        self.batches.append(len(texts))
-        if self.fail_on and any(self.fail_on in t for t in texts):
-            raise RuntimeError("model failure")
-        rows = np.array(
-            [[float(w in t.lower()) for w in WORDS] + [0.01] for t in texts], dtype=np.float32
-        )
-        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
-
+from tests.helpers import WordEmbedder
 
 TOPIC = Topic(
     slug="fentanyl",

@@ -1,4 +1,5 @@
-"""The classify service's HTTP routes: ``/topics``, ``/score``, ``/matches`` and previews.
+"""The classify service's HTTP routes: ``/topics`` (with their labels, review queue, previews,
+publishing and backfills), ``/articles``, ``/score`` and ``/matches``.
 
 Routes translate HTTP to calls on the service and its errors back to HTTP. Validation failures
 answer 422 with field-level messages in FastAPI's own shape (``{"detail": [{"loc": [...],
@@ -9,20 +10,60 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, HTTPException, Query, Response, status
-from pydantic import ValidationError
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from newsmon.api import READ_ONLY, unprocessable, unprocessable_model
-from newsmon.classify.schemas import MatchPage, Preview, ScoreRequest, ScoreResponse
-from newsmon.classify.service import ClassifyService, TopicNotFound
-from newsmon.classify.store import TopicConflict
+from newsmon.classify.schemas import (
+    ArticleView,
+    Backfill,
+    Label,
+    LabelPage,
+    LabelRequest,
+    MatchPage,
+    Preview,
+    Review,
+    ScoreRequest,
+    ScoreResponse,
+)
+from newsmon.classify.service import (
+    ArticleNotFound,
+    ClassifyService,
+    LabelNotFound,
+    TopicNotFound,
+    TopicNotLive,
+)
+from newsmon.classify.store import NewLabel, TopicConflict
 from newsmon.classify.topics import Topic, TopicDefinition, TopicUpdate
+
+
+class BackfillRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    articles: int = Field(1000, ge=1, le=20_000, description="the latest classified to replay")
+
+
+T = TypeVar("T")
+
+
+def _actor(request: Request) -> str:
+    return str(getattr(request.state, "actor", "unknown"))
 
 
 def build_router(service: ClassifyService) -> APIRouter:
     router = APIRouter(tags=["classify"])
+
+    async def answered(call: Awaitable[T]) -> T:
+        """404 for a topic, article or label that is not there, 409 for a topic that is not
+        live or that another writer changed first."""
+        try:
+            return await call
+        except (TopicNotFound, ArticleNotFound, LabelNotFound) as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
+        except (TopicConflict, TopicNotLive) as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
 
     async def answer(call: Awaitable[Topic]) -> Topic:
         """A change to an existing topic: 404 if it is gone, 422 if the merge is invalid, 409
@@ -90,6 +131,95 @@ def build_router(service: ClassifyService) -> APIRouter:
             raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
         except ValidationError as exc:
             raise unprocessable_model(exc) from exc
+
+    @router.post("/topics/{slug}/publish")
+    async def publish_topic(slug: str) -> Topic:
+        """Make a draft topic live (a new version); a live topic is answered as it is."""
+        return await answer(service.publish(slug))
+
+    @router.post("/topics/{slug}/backfill")
+    async def backfill_topic(slug: str, request: BackfillRequest) -> Backfill:
+        """Apply the live topic to recently classified articles: each that matches now and never
+        matched this topic gets its match, and its alerts, once."""
+        return await answered(service.backfill(slug, articles=request.articles))
+
+    @router.post("/topics/{slug}/labels", status_code=status.HTTP_201_CREATED)
+    async def add_label(slug: str, label: LabelRequest, request: Request) -> Label:
+        """Say whether a recently classified article is relevant to the topic.
+
+        The topic learns from it at once (a new version); a new label of the same article
+        replaces the old one.
+        """
+        return await answered(
+            service.add_label(
+                slug, label.article_id, label.relevant, source="api", actor=_actor(request)
+            )
+        )
+
+    @router.post("/topics/{slug}/labels/batch", status_code=status.HTTP_201_CREATED)
+    async def add_labels(
+        slug: str,
+        labels: Annotated[list[LabelRequest], Field(min_length=1, max_length=500)],
+        request: Request,
+    ) -> list[Label]:
+        """Several labels at once, one new topic version for them all."""
+        return await answered(
+            service.add_labels(
+                slug,
+                [NewLabel(x.article_id, x.relevant) for x in labels],
+                source="api",
+                actor=_actor(request),
+            )
+        )
+
+    @router.get("/topics/{slug}/labels")
+    async def list_labels(
+        slug: str,
+        include_undone: bool = False,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    ) -> LabelPage:
+        """The topic's labels, newest first, with who gave each, when and from where."""
+        return await answered(
+            service.labels(slug, include_undone=include_undone, limit=limit, offset=offset)
+        )
+
+    @router.delete("/topics/{slug}/labels/{label_id}")
+    async def undo_label(slug: str, label_id: str, request: Request) -> Label:
+        """Undo a label: it stays listed, marked undone, and stops counting (a new version)."""
+        return await answered(service.undo_label(label_id, actor=_actor(request), topic=slug))
+
+    @router.get("/topics/{slug}/review")
+    async def review_topic(
+        slug: str,
+        limit: Annotated[int, Query(ge=1, le=200)] = 20,
+        articles: Annotated[
+            int, Query(ge=1, le=20_000, description="recent ones to look at")
+        ] = 2000,
+        since: datetime | None = None,
+    ) -> Review:
+        """The recent articles the topic is least sure about, alternating above and below its
+        threshold, not yet labelled: label them to teach it, and to find what it misses."""
+        return await answered(service.review(slug, limit=limit, articles=articles, since=since))
+
+    @router.get("/articles")
+    async def find_articles(
+        q: Annotated[str | None, Query(max_length=200, description="words in the title")] = None,
+        link: Annotated[str | None, Query(max_length=2048)] = None,
+        limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    ) -> list[ArticleView]:
+        """Recently classified articles by words in the title and/or exact link, newest first,
+        each with every live topic's score and evidence: why it did or did not match."""
+        words = (q or "").split()
+        if not words and link is None:
+            raise unprocessable([("q", "give words of the title (q) or a link")], where="query")
+        return await service.find_articles(link=link, words=words[:10], limit=limit)
+
+    @router.get("/articles/{article_id}")
+    async def get_article(article_id: str) -> ArticleView:
+        """A recently classified article with every live topic's score and evidence now, the
+        decisions when it arrived, its matches and its labels."""
+        return await answered(service.article(article_id))
 
     @router.post("/score", openapi_extra=READ_ONLY)
     async def score(request: ScoreRequest) -> ScoreResponse:

@@ -76,3 +76,86 @@ class Preview(BaseModel):
     matching_with_draft: int
     would_match: list[PreviewArticle] = Field(description="articles the draft adds")
     would_stop_matching: list[PreviewArticle] = Field(description="articles the draft drops")
+
+
+class LabelRequest(BaseModel):
+    """An operator's verdict on one recently classified article for a topic."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    article_id: str = Field(min_length=1, max_length=128)
+    relevant: bool
+
+
+class Label(BaseModel):
+    """A label as kept: what was said, by whom, when, from where, and whether it still counts."""
+
+    id: str
+    topic: str
+    article_id: str
+    title: str
+    link: str
+    relevant: bool
+    source: str = Field(description="api, link (from an alert) or backtest")
+    actor: str = Field(description="the API key's name, or the subscription a link was sent to")
+    subscription_id: str | None
+    topic_version: int = Field(description="the topic version this label produced")
+    created_at: datetime
+    undone_at: datetime | None
+    undone_by: str | None
+
+
+class LabelPage(BaseModel):
+    total: int
+    limit: int
+    offset: int
+    items: list[Label]
+
+
+class ReviewItem(BaseModel):
+    article_id: str
+    title: str
+    link: str
+    classified_at: datetime
+    side: str = Field(description="above or below the threshold")
+    score: TopicScore
+
+
+class Review(BaseModel):
+    slug: str
+    topic_version: int
+    threshold: float
+    articles: int = Field(description="recent articles considered")
+    items: list[ReviewItem] = Field(description="least sure first, alternating sides")
+
+
+class Decision(BaseModel):
+    """A topic's decision on an article when the article was classified."""
+
+    score: float
+    version: int
+    matched: bool
+
+
+class ArticleView(BaseModel):
+    """A recently classified article: how every live topic scores it now, and what was decided,
+    matched and labelled before."""
+
+    article_id: str
+    title: str
+    link: str
+    classified_at: datetime
+    passages: int
+    scores: list[TopicScore] = Field(description="each live topic's score now, with evidence")
+    decided: dict[str, Decision] = Field(description="by topic, when it was classified")
+    matches: list[Match]
+    labels: list[Label]
+
+
+class Backfill(BaseModel):
+    slug: str
+    topic_version: int
+    articles: int = Field(description="recent articles replayed")
+    matched: int = Field(description="of them, matching the topic now")
+    created: int = Field(description="matches created now (the others had one already)")
+    article_ids: list[str] = Field(description="the articles that got a new match")

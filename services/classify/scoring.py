@@ -6,21 +6,33 @@ vote: the mean cosine similarity of its ``TOP_K`` nearest positives (description
 minus ``NEGATIVE_WEIGHT`` times the mean similarity of its ``TOP_K`` nearest counter-examples,
 mapped onto [0, 1] as ``0.5 + 0.5 * (pos - NEGATIVE_WEIGHT * neg)``. A passage that resembles
 the near-misses more than the topic loses score smoothly rather than by a cliff. The article's
-score for a topic is its best passage's score, so one article can match many topics.
+vote for a topic is its best passage's, so one article can match many topics.
+
+The vote is then calibrated into a confidence, and moved by the articles operators labelled for
+the topic (``learning``): the score an article carries is that confidence.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
 
+from newsmon.classify.learning import (
+    SIMILARITY_FLOOR,
+    Label,
+    Nearest,
+    TopicLabels,
+    calibrate,
+    confidence,
+    learn,
+)
 from newsmon.classify.model import Embedder, Vectors
 from newsmon.classify.topics import Topic, check_keywords
-from newsmon.events import Evidence, TopicScore
+from newsmon.events import Evidence, LabelEvidence, TopicScore
 
 # all-MiniLM-L6-v2 reads at most 256 word pieces. Short passages keep one mention (a seizure, an
 # extradition) from being diluted by the rest of a long paragraph; 40 words scored best on half
@@ -89,17 +101,46 @@ def _split_body(text: str) -> list[str]:
 
 @dataclass(frozen=True)
 class TopicIndex:
-    """A topic with its reference texts embedded: positives (description first) and negatives."""
+    """A topic with its reference texts embedded: positives (description first) and negatives,
+    and what it learned from its labels (None without labels)."""
 
     topic: Topic
     positives: tuple[str, ...]
     positive_vectors: Vectors
     negatives: tuple[str, ...]
     negative_vectors: Vectors
+    labels: TopicLabels | None = None
 
 
-def index_topics(topics: Sequence[Topic], embedder: Embedder) -> list[TopicIndex]:
-    """Embed every topic's description, examples and counter-examples in one model call."""
+class TextVectors:
+    """Embeds texts through ``embedder``, each distinct text once: a topic's definition is
+    embedded again only when it changes, not on every label."""
+
+    def __init__(self, embedder: Embedder, limit: int = 20_000) -> None:
+        self.embedder = embedder
+        self._limit = limit
+        self._vectors: dict[str, Vectors] = {}
+
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        missing = list(dict.fromkeys(t for t in texts if t not in self._vectors))
+        if missing:
+            if len(self._vectors) + len(missing) > self._limit:
+                self._vectors.clear()
+            self._vectors.update(zip(missing, self.embedder.embed(missing), strict=True))
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        return np.stack([self._vectors[t] for t in texts])
+
+
+def index_topics(
+    topics: Sequence[Topic],
+    embedder: Embedder,
+    labels: Mapping[str, Sequence[Label]] | None = None,
+) -> list[TopicIndex]:
+    """Embed every topic's description, examples and counter-examples in one model call, and
+    fit each topic on its labels (``labels`` by slug; the labels carry their own vectors)."""
+    if not topics:
+        return []
     texts: list[str] = []
     for topic in topics:
         texts += [topic.description, *topic.examples, *topic.counter_examples]
@@ -109,15 +150,18 @@ def index_topics(topics: Sequence[Topic], embedder: Embedder) -> list[TopicIndex
     for topic in topics:
         n_pos = 1 + len(topic.examples)
         n_neg = len(topic.counter_examples)
-        indexes.append(
-            TopicIndex(
-                topic=topic,
-                positives=(topic.description, *topic.examples),
-                positive_vectors=vectors[start : start + n_pos],
-                negatives=topic.counter_examples,
-                negative_vectors=vectors[start + n_pos : start + n_pos + n_neg],
-            )
+        index = TopicIndex(
+            topic=topic,
+            positives=(topic.description, *topic.examples),
+            positive_vectors=vectors[start : start + n_pos],
+            negatives=topic.counter_examples,
+            negative_vectors=vectors[start + n_pos : start + n_pos + n_neg],
         )
+        own = (labels or {}).get(topic.slug, ())
+        if own:
+            priors = [prior_confidence(label.vectors, index) for label in own]
+            index = replace(index, labels=learn(own, priors))
+        indexes.append(index)
         start += n_pos + n_neg
     return indexes
 
@@ -129,41 +173,82 @@ def _top_k(similarities: Vectors, k: int) -> tuple[Vectors, npt.NDArray[np.intp]
     return top.mean(axis=1), similarities.argmax(axis=1)
 
 
+def _votes(
+    passage_vectors: Vectors, index: TopicIndex
+) -> tuple[Vectors, Vectors, npt.NDArray[np.intp], Vectors | None, npt.NDArray[np.intp] | None]:
+    """Each passage's vote, and its similarities to the positives and counter-examples."""
+    pos_sims = passage_vectors @ index.positive_vectors.T
+    pos, best_pos = _top_k(pos_sims, TOP_K)
+    if not len(index.negatives):
+        votes = np.clip(0.5 + 0.5 * pos, 0.0, 1.0)
+        return votes, pos_sims, best_pos, None, None
+    neg_sims = passage_vectors @ index.negative_vectors.T
+    neg, best_neg = _top_k(neg_sims, TOP_K)
+    votes = np.clip(0.5 + 0.5 * (pos - NEGATIVE_WEIGHT * neg), 0.0, 1.0)
+    return votes, pos_sims, best_pos, neg_sims, best_neg
+
+
+def prior_confidence(passage_vectors: Vectors, index: TopicIndex) -> float:
+    """An article's calibrated confidence for a topic before any label counts."""
+    votes = _votes(passage_vectors, index)[0]
+    return float(calibrate(float(votes.max()), index.topic.midpoint))
+
+
+def _label_evidence(nearest: Nearest | None) -> LabelEvidence | None:
+    """A labelled article, if it came near enough to move the score."""
+    if nearest is None or nearest.similarity < SIMILARITY_FLOOR:
+        return None
+    return LabelEvidence(
+        label_id=nearest.label.label_id,
+        article_id=nearest.label.article_id,
+        title=nearest.label.title,
+        similarity=round(nearest.similarity, 4),
+    )
+
+
 def score_topic(
     passages: Sequence[str], passage_vectors: Vectors, index: TopicIndex, text: str = ""
 ) -> TopicScore:
     """Score one article's passages against one topic; the best passage decides.
 
-    ``score = clip(0.5 + 0.5 * (pos - NEGATIVE_WEIGHT * neg), 0, 1)`` where ``pos`` and ``neg``
-    are the passage's mean cosine similarity to its ``TOP_K`` nearest positives and nearest
-    counter-examples (``neg`` is 0 for a topic without counter-examples). The article matches
-    when the score reaches the threshold and ``text`` (title and body) passes the topic's
-    keyword constraints. The evidence names the deciding passage, its single nearest positive
-    and counter-example with their similarity, and what the keyword constraints found.
+    Each passage's vote is ``clip(0.5 + 0.5 * (pos - NEGATIVE_WEIGHT * neg), 0, 1)`` where
+    ``pos`` and ``neg`` are its mean cosine similarity to its ``TOP_K`` nearest positives and
+    nearest counter-examples (``neg`` is 0 for a topic without counter-examples). The best vote
+    is calibrated, then moved by the topic's labels (``learning.confidence``): that is the
+    score. The article matches when the score reaches the threshold and ``text`` (title and
+    body) passes the topic's keyword constraints. The evidence names the deciding passage, its
+    single nearest positive and counter-example with their similarity, the labelled articles
+    that moved the score, and what the keyword constraints found.
     """
     if not passages:
         raise ValueError("an article needs at least one passage to be scored")
-    pos_sims = passage_vectors @ index.positive_vectors.T
-    pos, best_pos = _top_k(pos_sims, TOP_K)
-    has_negatives = len(index.negatives) > 0
-    if has_negatives:
-        neg_sims = passage_vectors @ index.negative_vectors.T
-        neg, best_neg = _top_k(neg_sims, TOP_K)
-    else:
-        neg = np.zeros(len(passages), dtype=np.float32)
-    scores = np.clip(0.5 + 0.5 * (pos - NEGATIVE_WEIGHT * neg), 0.0, 1.0)
-    p = int(scores.argmax())
-    score = round(float(scores[p]), 4)
+    votes, pos_sims, best_pos, neg_sims, best_neg = _votes(passage_vectors, index)
+    p = int(votes.argmax())
     topic = index.topic
+    prior = float(calibrate(float(votes[p]), topic.midpoint))
+    learned, relevant, not_relevant = confidence(index.labels, prior, passage_vectors)
+    score = round(learned, 4)
     required_term, rejected_by = check_keywords(topic, text or " ".join(passages))
     evidence = Evidence(
         passage=passages[p],
         nearest_positive=index.positives[int(best_pos[p])],
         positive_similarity=round(float(pos_sims[p, best_pos[p]]), 4),
-        nearest_negative=index.negatives[int(best_neg[p])] if has_negatives else None,
-        negative_similarity=round(float(neg_sims[p, best_neg[p]]), 4) if has_negatives else None,
+        nearest_negative=(
+            index.negatives[int(best_neg[p])]
+            if neg_sims is not None and best_neg is not None
+            else None
+        ),
+        negative_similarity=(
+            round(float(neg_sims[p, best_neg[p]]), 4)
+            if neg_sims is not None and best_neg is not None
+            else None
+        ),
         required_term=required_term,
         rejected_by=rejected_by,
+        vote=round(float(votes[p]), 4),
+        calibrated=round(prior, 4),
+        relevant_label=_label_evidence(relevant),
+        not_relevant_label=_label_evidence(not_relevant),
     )
     return TopicScore(
         topic=topic.slug,
@@ -210,20 +295,20 @@ def embed_articles(
 
 
 def score_embedded(article: EmbeddedArticle, indexes: Sequence[TopicIndex]) -> list[TopicScore]:
-    """Every enabled topic's score for an embedded article; none for an article without text."""
+    """Every live topic's score for an embedded article; none for an article without text."""
     if not article.passages:
         return []
     return [
         score_topic(article.passages, article.vectors, ix, article.text)
         for ix in indexes
-        if ix.topic.enabled
+        if ix.topic.live
     ]
 
 
 def score_articles(
     articles: Sequence[tuple[str, str]], indexes: Sequence[TopicIndex], embedder: Embedder
 ) -> list[list[TopicScore]]:
-    """Score ``(title, text)`` pairs against every enabled topic, embedding all passages at once.
+    """Score ``(title, text)`` pairs against every live topic, embedding all passages at once.
 
     An article with neither title nor text gets no scores (an empty list).
     """
@@ -245,7 +330,7 @@ def replay(
     """Score ``articles`` with the current topic and with a draft of it.
 
     Returns the articles whose decision flips, and how many match before and after. Both
-    sides are scored regardless of ``enabled`` so that a draft of a disabled topic can be
+    sides are scored whether live or not, so that a draft or a disabled topic can be
     previewed; ``current`` None (a topic not stored yet) matches nothing.
     """
     changes: list[Change] = []

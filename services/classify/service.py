@@ -13,6 +13,7 @@ classify process follows that topic in a consumer group of its own and reloads i
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
@@ -25,24 +26,35 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from newsmon import metrics
 from newsmon.bus import Bus, Consumer, Message
 from newsmon.classify import store
+from newsmon.classify.learning import logit
 from newsmon.classify.model import Embedder, SentenceTransformerEmbedder
 from newsmon.classify.schemas import (
+    ArticleView,
+    Backfill,
+    Decision,
+    Label,
+    LabelPage,
     Match,
     MatchPage,
     Preview,
     PreviewArticle,
+    Review,
+    ReviewItem,
     ScoreRequest,
     ScoreResponse,
 )
 from newsmon.classify.scoring import (
     MAX_TEXT_CHARS,
     EmbeddedArticle,
+    TextVectors,
     TopicIndex,
     embed_articles,
     index_topics,
     replay,
     score_embedded,
+    score_topic,
 )
+from newsmon.classify.store import NewLabel, TopicConflict
 from newsmon.classify.topics import Topic, TopicDefinition, TopicUpdate, load_topics
 from newsmon.events import (
     ARTICLES_FETCHED,
@@ -65,10 +77,47 @@ GROUP = "classify"
 # A namespace for ids derived from another event's id: a redelivered ArticleFetched yields an
 # ArticleMatched with the same id, so downstream dedupe sees one event.
 _DERIVED = uuid.UUID("6f1c3b0e-8a52-4d0c-9d7e-2b1f4f6a9c10")
+# And for a backfill's matches, from the topic and the article: one per pair, ever.
+_BACKFILL = uuid.UUID("0b6c1f4e-2d7a-4e59-8f43-5a9e1c7d3b21")
+
+
+# The latest labels a topic learns from: enough for months of review, and a refit stays well
+# under a second.
+MAX_LABELS_PER_TOPIC = 2000
+# How often a label is retried when another writer changed the topic in between.
+_LABEL_ATTEMPTS = 5
 
 
 class TopicNotFound(LookupError):
     """No topic has this slug."""
+
+
+class ArticleNotFound(LookupError):
+    """The article is not among the recently classified ones."""
+
+
+class LabelNotFound(LookupError):
+    """No label has this id."""
+
+
+class TopicNotLive(ValueError):
+    """The topic is a draft or disabled, and cannot do what was asked of a live one."""
+
+
+def review_order(items: Sequence[ReviewItem], threshold: float) -> list[ReviewItem]:
+    """Least sure first, alternating sides: each side sorted by how far its scores' log-odds
+    lie from the threshold's, then interleaved, so both misses and false alarms come up."""
+    edge = float(logit(threshold))
+
+    def distance(item: ReviewItem) -> float:
+        return abs(float(logit(item.score.score)) - edge)
+
+    above = sorted((i for i in items if i.side == "above"), key=distance)
+    below = sorted((i for i in items if i.side == "below"), key=distance)
+    ordered: list[ReviewItem] = []
+    for pair in itertools.zip_longest(above, below):
+        ordered += [i for i in pair if i is not None]
+    return ordered
 
 
 class ClassifyService:
@@ -91,6 +140,8 @@ class ClassifyService:
         self._seeds = list(seeds)
         self._seeds_source = seeds_source
         self._indexes: list[TopicIndex] = []
+        # Topic texts embedded once each: a label refits a topic without the model.
+        self._topic_texts = TextVectors(embedder)
         self._reload_lock = asyncio.Lock()
         self._start_lock = asyncio.Lock()
         self._started = False
@@ -132,10 +183,28 @@ class ClassifyService:
             self._started = True
 
     async def reload_topics(self) -> None:
+        """Load the topics and their labels, embed what changed, and refit them."""
         async with self._reload_lock:
             topics = await store.load_topics(self.engine)
-            self._indexes = await asyncio.to_thread(index_topics, topics, self.embedder)
+            # A label bumps its topic's version: a topic at the version already indexed has the
+            # same definition and labels, and keeps its index.
+            kept = {ix.topic.slug: ix for ix in self._indexes}
+            changed = [t for t in topics if t.slug not in kept or kept[t.slug].topic != t]
+            labels = await store.active_labels(
+                self.engine, MAX_LABELS_PER_TOPIC, topics=[t.slug for t in changed]
+            )
+            fresh = {
+                ix.topic.slug: ix
+                for ix in await asyncio.to_thread(index_topics, changed, self._topic_texts, labels)
+            }
+            self._indexes = [fresh.get(t.slug) or kept[t.slug] for t in topics]
         log.info("topics loaded: %s", ", ".join(f"{t.slug}@v{t.version}" for t in topics))
+
+    def _index(self, slug: str) -> TopicIndex:
+        for index in self._indexes:
+            if index.topic.slug == slug:
+                return index
+        raise TopicNotFound(f"no topic {slug!r}")
 
     # topics: what the API asks of the service ------------------------------------------------
 
@@ -186,9 +255,12 @@ class ClassifyService:
         current = await self.topic(slug)
         drafted = draft.apply(current)
         recent = await store.recent_articles(self.engine, articles)
+        # The draft learns from the topic's labels as the topic does.
+        learned = self._index(slug).labels
+        labels = {slug: learned.labels} if learned is not None else {}
 
         def compute() -> tuple[list[Any], int, int]:
-            current_ix, draft_ix = index_topics([current, drafted], self.embedder)
+            current_ix, draft_ix = index_topics([current, drafted], self._topic_texts, labels)
             return replay([r.embedded for r in recent], current_ix, draft_ix)
 
         changes, before, after = await asyncio.to_thread(compute)
@@ -253,6 +325,275 @@ class ClassifyService:
             limit=limit,
             offset=offset,
             items=[Match.model_validate(item) for item in page.items],
+        )
+
+    # labels: what operators teach a topic --------------------------------------------------
+
+    async def add_label(
+        self,
+        slug: str,
+        article_id: str,
+        relevant: bool,
+        *,
+        source: str,
+        actor: str,
+        subscription_id: str | None = None,
+    ) -> Label:
+        """Label one recently classified article for a topic (see ``add_labels``)."""
+        [label] = await self.add_labels(
+            slug,
+            [NewLabel(article_id, relevant)],
+            source=source,
+            actor=actor,
+            subscription_id=subscription_id,
+        )
+        return label
+
+    async def add_labels(
+        self,
+        slug: str,
+        labels: Sequence[NewLabel],
+        *,
+        source: str,
+        actor: str,
+        subscription_id: str | None = None,
+    ) -> list[Label]:
+        """Keep labels of recently classified articles and refit the topic on them.
+
+        The topic gets a new version (one for the whole call), and every classify process
+        reloads it. A newer label of an article replaces its older one. ``ArticleNotFound``
+        when an article is not among the recent ones: the label needs its vectors.
+        """
+        for attempt in range(1, _LABEL_ATTEMPTS + 1):
+            topic = await self.topic(slug)
+            try:
+                saved, rows = await store.add_labels(
+                    self.engine,
+                    topic,
+                    labels,
+                    source=source,
+                    actor=actor,
+                    subscription_id=subscription_id,
+                )
+                break
+            except store.ArticleGone as exc:
+                raise ArticleNotFound(str(exc)) from exc
+            except TopicConflict:
+                # Another label or edit landed first: read the topic again and label on top.
+                if attempt == _LABEL_ATTEMPTS:
+                    raise
+        await self.topic_changed(saved, "labelled")
+        metrics.LABELS.labels(slug, source).inc(len(labels))
+        return [Label.model_validate(row) for row in rows]
+
+    async def undo_label(self, label_id: str, *, actor: str, topic: str | None = None) -> Label:
+        """Stop counting a label; its topic gets a new version without it. ``topic``: the label
+        must be that topic's."""
+        for attempt in range(1, _LABEL_ATTEMPTS + 1):
+            slug = await store.label_topic(self.engine, label_id)
+            if slug is None or topic not in (None, slug):
+                raise LabelNotFound(
+                    f"no label {label_id!r}" + (f" of topic {topic!r}" if topic else "")
+                )
+            current = await self.topic(slug)
+            try:
+                result = await store.undo_label(self.engine, current, label_id, actor=actor)
+                break
+            except TopicConflict:
+                if attempt == _LABEL_ATTEMPTS:
+                    raise
+        if result is None:
+            raise LabelNotFound(f"no label {label_id!r}")
+        saved, row = result
+        if saved.version != current.version:
+            await self.topic_changed(saved, "label undone")
+        return Label.model_validate(row)
+
+    async def labels(
+        self, slug: str, *, include_undone: bool, limit: int, offset: int
+    ) -> LabelPage:
+        """A topic's labels, newest first."""
+        await self.topic(slug)
+        page = await store.list_labels(
+            self.engine, slug, include_undone=include_undone, limit=limit, offset=offset
+        )
+        return LabelPage(
+            total=page.total,
+            limit=limit,
+            offset=offset,
+            items=[Label.model_validate(item) for item in page.items],
+        )
+
+    async def review(
+        self, slug: str, *, limit: int, articles: int, since: datetime | None = None
+    ) -> Review:
+        """The recent articles ``slug`` is least sure about, on both sides of its threshold.
+
+        Unsure means a score whose log-odds are close to the threshold's. Articles the topic's
+        keyword constraints rule out, and articles already labelled for it, are left out: a
+        label could not change the first, and the second are answered.
+        """
+        await self.start()
+        index = self._index(slug)
+        recent = await store.recent_articles(self.engine, articles, since=since)
+        labelled = await store.labelled_articles(self.engine, slug)
+        topic = index.topic
+
+        def compute() -> list[ReviewItem]:
+            items = []
+            for r in recent:
+                if r.article_id in labelled or not r.embedded.passages:
+                    continue
+                score = score_topic(r.embedded.passages, r.embedded.vectors, index, r.embedded.text)
+                if score.evidence.rejected_by is not None:
+                    continue
+                side = "above" if score.score >= topic.threshold else "below"
+                items.append(
+                    ReviewItem(
+                        article_id=r.article_id,
+                        title=r.title,
+                        link=r.link,
+                        classified_at=r.classified_at,
+                        side=side,
+                        score=score,
+                    )
+                )
+            return review_order(items, topic.threshold)[:limit]
+
+        return Review(
+            slug=slug,
+            topic_version=topic.version,
+            threshold=topic.threshold,
+            articles=len(recent),
+            items=await asyncio.to_thread(compute),
+        )
+
+    # articles: why an article did or did not match ------------------------------------------
+
+    async def article(self, article_id: str) -> ArticleView:
+        """A recently classified article with every live topic's score and evidence now."""
+        recent = await store.recent_article(self.engine, article_id)
+        if recent is None:
+            raise ArticleNotFound(f"article {article_id!r} is not among the recently classified")
+        [view] = await self._views([recent])
+        return view
+
+    async def find_articles(
+        self, *, link: str | None, words: Sequence[str], limit: int
+    ) -> list[ArticleView]:
+        """Recent articles by link and/or words in the title, newest first, each explained."""
+        found = await store.find_recent(self.engine, link=link, words=words, limit=limit)
+        return await self._views(found)
+
+    async def _views(self, found: Sequence[store.RecentArticle]) -> list[ArticleView]:
+        await self.start()
+        indexes = self._indexes
+        views = []
+        for r in found:
+            scores = await asyncio.to_thread(score_embedded, r.embedded, indexes)
+            views.append(
+                ArticleView(
+                    article_id=r.article_id,
+                    title=r.title,
+                    link=r.link,
+                    classified_at=r.classified_at,
+                    passages=len(r.embedded.passages),
+                    scores=scores,
+                    decided={k: Decision.model_validate(v) for k, v in r.decided.items()},
+                    matches=[
+                        Match.model_validate(m)
+                        for m in await store.matches_of(self.engine, r.article_id)
+                    ],
+                    labels=[
+                        Label.model_validate(row)
+                        for row in await store.labels_of(self.engine, r.article_id)
+                    ],
+                )
+            )
+        return views
+
+    # drafts and backfills -------------------------------------------------------------------
+
+    async def publish(self, slug: str) -> Topic:
+        """Make a draft topic live: from now on it scores the articles that arrive."""
+        topic = await self.topic(slug)
+        if topic.status == "live":
+            return topic
+        return await self._save(topic.model_copy(update={"status": "live"}), "published")
+
+    async def backfill(self, slug: str, *, articles: int) -> Backfill:
+        """Apply the live topic to the last ``articles`` classified, creating the matches (and
+        so the alerts) they now earn: each article at most once per topic, whatever the version
+        or how often this is asked."""
+        await self.start()
+        index = self._index(slug)
+        topic = index.topic
+        if not topic.live:
+            raise TopicNotLive(
+                f"topic {slug!r} is not live ({topic.status}, enabled={topic.enabled}):"
+                " publish and enable it first"
+            )
+        recent = [
+            r for r in await store.recent_articles(self.engine, articles) if r.article is not None
+        ]
+
+        def compute() -> list[tuple[store.RecentArticle, TopicScore]]:
+            scored = []
+            for r in recent:
+                if r.embedded.passages:
+                    s = score_topic(r.embedded.passages, r.embedded.vectors, index, r.embedded.text)
+                    if s.matched:
+                        scored.append((r, s))
+            return scored
+
+        matching = await asyncio.to_thread(compute)
+        known = await store.matched_articles(self.engine, slug, [r.article_id for r, _ in matching])
+        fresh = [(r, s) for r, s in matching if r.article_id not in known]
+        events = [
+            ArticleMatched(
+                event_id=uuid.uuid5(_BACKFILL, f"{slug}\n{r.article_id}").hex,
+                article=r.article,
+                scores=[s],
+                fetched_at=r.fetched_at or r.classified_at,
+            )
+            for r, s in fresh
+            if r.article is not None
+        ]
+        # Published first, recorded after: a crash in between republishes the same event ids,
+        # which alerts delivers once.
+        await asyncio.gather(*(self._publish_match(e) for e in events))
+        await store.record_matches(
+            self.engine,
+            [
+                {
+                    "event_id": e.event_id,
+                    "topic": slug,
+                    "topic_version": s.topic_version,
+                    "article_id": r.article_id,
+                    "title": r.title,
+                    "link": r.link,
+                    "score": s.score,
+                    "threshold": s.threshold,
+                    "evidence": s.evidence.model_dump(mode="json"),
+                    "matched_at": utcnow(),
+                }
+                for e, (r, s) in zip(events, fresh, strict=True)
+            ],
+        )
+        log.info(
+            "backfilled %s@v%d: %d new match(es) in %d articles",
+            slug,
+            topic.version,
+            len(events),
+            len(recent),
+        )
+        return Backfill(
+            slug=slug,
+            topic_version=topic.version,
+            articles=len(recent),
+            matched=len(matching),
+            created=len(events),
+            article_ids=[e.article.article_id for e in events],
         )
 
     async def topic_changed(self, topic: Topic, change: str) -> None:
@@ -374,7 +715,9 @@ class ClassifyService:
                     )
                     matches.append(matched)
                     matched_id = matched.event_id
-                classified.append(store.Classified(event.article, result, matched_id, scores))
+                classified.append(
+                    store.Classified(event.article, result, matched_id, scores, event.fetched_at)
+                )
         lap("scoring")
         # Published together: one round trip per batch to the broker, not one per article.
         await asyncio.gather(*(self._publish_match(m) for m in matches))

@@ -1,17 +1,22 @@
-"""The classify service's state: versioned topics, match history, recent article embeddings.
+"""The classify service's state: versioned topics, match history, recent article embeddings,
+and the labels operators gave.
 
 Topics are kept as their JSON definition beside the version; a deleted topic leaves a tombstone
 so that a topic created again under the same slug continues its version count, and every past
 match stays attributable to exactly one definition. Recent articles keep their passages and
 vectors (float16: half the space, and previews compare like with like) so that a draft topic
-can be replayed over them without the model re-reading any article.
+can be replayed over them without the model re-reading any article. A label keeps the vectors
+of the article it names, so a topic goes on learning from it after the article has left the
+recent ones.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import numpy as np
 from sqlalchemy import (
@@ -19,6 +24,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     Float,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -31,9 +37,12 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from newsmon.classify.learning import Label
+from newsmon.classify.model import Vectors
 from newsmon.classify.scoring import EmbeddedArticle
 from newsmon.classify.topics import Topic
 from newsmon.db import UTCDateTime, insert_ignoring_duplicates
@@ -84,6 +93,36 @@ recent_table = Table(
     Column("vectors", LargeBinary, nullable=False),
     Column("text", Text, nullable=False),
     Column("classified_at", UTCDateTime(), nullable=False, index=True),
+    # Each live topic's decision when it was classified: {slug: {score, version, matched}}.
+    Column("scores", JSON, nullable=True),
+    # The article as ingest published it, without its content: what a backfilled alert carries.
+    Column("article", JSON, nullable=True),
+    Column("fetched_at", UTCDateTime(), nullable=True),
+)
+
+labels_table = Table(
+    "classify_labels",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("topic", String(64), nullable=False),
+    Column("article_id", String(128), nullable=False),
+    Column("relevant", Boolean, nullable=False),
+    Column("title", Text, nullable=False),
+    Column("link", Text, nullable=False),
+    # The labelled article's passage vectors (float16), one row per passage.
+    Column("vectors", LargeBinary, nullable=False),
+    Column("passages", Integer, nullable=False),
+    # Where the label came from ("api", "link", "backtest") and who gave it.
+    Column("source", String(16), nullable=False),
+    Column("actor", String(200), nullable=False),
+    Column("subscription_id", String(64), nullable=True),
+    # The topic version this label produced.
+    Column("topic_version", Integer, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("undone_at", UTCDateTime(), nullable=True),
+    Column("undone_by", String(200), nullable=True),
+    Index("ix_classify_labels_topic_article", "topic", "article_id"),
+    Index("ix_classify_labels_topic_created", "topic", "created_at"),
 )
 
 SEEDED = "seeded_from"
@@ -232,6 +271,7 @@ class Classified:
     embedded: EmbeddedArticle
     matched_event_id: str | None
     scores: Sequence[TopicScore]
+    fetched_at: datetime | None = None
 
 
 async def record(engine: AsyncEngine, classified: Sequence[Classified], keep_recent: int) -> None:
@@ -264,6 +304,12 @@ async def record(engine: AsyncEngine, classified: Sequence[Classified], keep_rec
             "vectors": c.embedded.vectors.astype(np.float16).tobytes(),
             "text": c.embedded.text,
             "classified_at": now,
+            "scores": {
+                sc.topic: {"score": sc.score, "version": sc.topic_version, "matched": sc.matched}
+                for sc in c.scores
+            },
+            "article": c.article.model_dump(mode="json", exclude={"content"}),
+            "fetched_at": c.fetched_at,
         }
         for c in classified
         if c.embedded.passages
@@ -335,29 +381,310 @@ class RecentArticle:
     link: str
     embedded: EmbeddedArticle
     classified_at: datetime
+    decided: dict[str, dict[str, Any]] = field(default_factory=dict)
+    article: Article | None = None
+    fetched_at: datetime | None = None
 
 
-async def recent_articles(engine: AsyncEngine, limit: int) -> list[RecentArticle]:
-    """The most recently classified articles with their stored passage vectors, newest first."""
+def _recent(row: Row[Any]) -> RecentArticle:
+    passages = tuple(row.passages)
+    return RecentArticle(
+        article_id=row.article_id,
+        title=row.title,
+        link=row.link,
+        embedded=EmbeddedArticle(
+            passages=passages, vectors=_vectors(row.vectors, len(passages)), text=row.text
+        ),
+        classified_at=row.classified_at,
+        decided=dict(row.scores or {}),
+        article=Article.model_validate(row.article) if row.article else None,
+        fetched_at=row.fetched_at,
+    )
+
+
+def _vectors(blob: bytes, rows: int) -> Vectors:
+    return np.frombuffer(blob, dtype=np.float16).astype(np.float32).reshape(rows, -1)
+
+
+async def recent_articles(
+    engine: AsyncEngine, limit: int, *, since: datetime | None = None
+) -> list[RecentArticle]:
+    """The most recently classified articles with their stored passage vectors, newest first;
+    ``since``: only those classified then or later."""
+    query = select(recent_table).order_by(recent_table.c.classified_at.desc()).limit(limit)
+    if since is not None:
+        query = query.where(recent_table.c.classified_at >= since)
+    async with engine.connect() as conn:
+        return [_recent(row) for row in await conn.execute(query)]
+
+
+async def recent_article(engine: AsyncEngine, article_id: str) -> RecentArticle | None:
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(select(recent_table).where(recent_table.c.article_id == article_id))
+        ).first()
+    return None if row is None else _recent(row)
+
+
+async def find_recent(
+    engine: AsyncEngine, *, link: str | None, words: Sequence[str], limit: int
+) -> list[RecentArticle]:
+    """Recent articles by exact link and/or with every one of ``words`` in the title (any
+    case), newest first."""
+    query = select(recent_table).order_by(recent_table.c.classified_at.desc()).limit(limit)
+    if link is not None:
+        query = query.where(recent_table.c.link == link)
+    for word in words:
+        escaped = word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        query = query.where(recent_table.c.title.ilike(f"%{escaped}%", escape="\\"))
+    async with engine.connect() as conn:
+        return [_recent(row) for row in await conn.execute(query)]
+
+
+async def matches_of(engine: AsyncEngine, article_id: str) -> list[dict[str, object]]:
+    """Every match recorded for an article, newest first."""
     async with engine.connect() as conn:
         rows = await conn.execute(
-            select(recent_table).order_by(recent_table.c.classified_at.desc()).limit(limit)
+            select(matches_table)
+            .where(matches_table.c.article_id == article_id)
+            .order_by(matches_table.c.matched_at.desc())
         )
-        result = []
-        for row in rows:
-            passages = tuple(row.passages)
-            vectors = np.frombuffer(row.vectors, dtype=np.float16).astype(np.float32)
-            result.append(
-                RecentArticle(
-                    article_id=row.article_id,
-                    title=row.title,
-                    link=row.link,
-                    embedded=EmbeddedArticle(
-                        passages=passages,
-                        vectors=vectors.reshape(len(passages), -1),
-                        text=row.text,
-                    ),
-                    classified_at=row.classified_at,
+        return [dict(row._mapping) for row in rows]
+
+
+async def matched_articles(engine: AsyncEngine, topic: str, article_ids: Sequence[str]) -> set[str]:
+    """Which of ``article_ids`` have a match recorded for ``topic``, at any version."""
+    found: set[str] = set()
+    ids = list(article_ids)
+    async with engine.connect() as conn:
+        # In chunks: databases bound the parameters of one statement.
+        for start in range(0, len(ids), 500):
+            rows = await conn.execute(
+                select(matches_table.c.article_id).where(
+                    matches_table.c.topic == topic,
+                    matches_table.c.article_id.in_(ids[start : start + 500]),
                 )
             )
-    return result
+            found.update(row.article_id for row in rows)
+    return found
+
+
+async def record_matches(engine: AsyncEngine, rows: Sequence[dict[str, object]]) -> None:
+    """Record matches found outside the stream (a backfill); a repeated one is ignored."""
+    if rows:
+        async with engine.begin() as conn:
+            await conn.execute(insert_ignoring_duplicates(engine, matches_table), list(rows))
+
+
+# --- labels -------------------------------------------------------------------------------------
+
+
+class ArticleGone(LookupError):
+    """The article is not among the recently classified ones: there is nothing to learn from."""
+
+
+@dataclass(frozen=True)
+class NewLabel:
+    article_id: str
+    relevant: bool
+
+
+async def add_labels(
+    engine: AsyncEngine,
+    topic: Topic,
+    labels: Sequence[NewLabel],
+    *,
+    source: str,
+    actor: str,
+    subscription_id: str | None,
+) -> tuple[Topic, list[dict[str, object]]]:
+    """Store labels of ``topic`` (read at ``topic.version``) and bump its version, at once.
+
+    A new label of an article replaces the article's active label for the topic (the old one is
+    marked undone). An article that is not recent any more is ``ArticleGone``; a concurrent
+    change of the topic is a ``TopicConflict``.
+    """
+    saved = topic.model_copy(update={"version": topic.version + 1})
+    now = utcnow()
+    ids = list(dict.fromkeys(label.article_id for label in labels))
+    async with engine.begin() as conn:
+        found = {
+            row.article_id: row
+            for row in await conn.execute(
+                select(
+                    recent_table.c.article_id,
+                    recent_table.c.title,
+                    recent_table.c.link,
+                    recent_table.c.vectors,
+                    recent_table.c.passages,
+                ).where(recent_table.c.article_id.in_(ids))
+            )
+        }
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise ArticleGone(
+                "not among the recently classified articles: " + ", ".join(missing[:5])
+            )
+        rows = []
+        for label in labels:
+            article = found[label.article_id]
+            rows.append(
+                {
+                    "id": uuid.uuid4().hex,
+                    "topic": topic.slug,
+                    "article_id": label.article_id,
+                    "relevant": label.relevant,
+                    "title": article.title,
+                    "link": article.link,
+                    "vectors": article.vectors,
+                    "passages": len(article.passages),
+                    "source": source,
+                    "actor": actor,
+                    "subscription_id": subscription_id,
+                    "topic_version": saved.version,
+                    "created_at": now,
+                    "undone_at": None,
+                    "undone_by": None,
+                }
+            )
+        await conn.execute(
+            update(labels_table)
+            .where(
+                labels_table.c.topic == topic.slug,
+                labels_table.c.article_id.in_(ids),
+                labels_table.c.undone_at.is_(None),
+            )
+            .values(undone_at=now, undone_by=f"replaced by a new label from {actor}")
+        )
+        # Of two labels of one article in one call, the last one stands.
+        latest = {row["article_id"]: row for row in rows}
+        superseded = [row for row in rows if latest[row["article_id"]] is not row]
+        for row in superseded:
+            row["undone_at"] = now
+            row["undone_by"] = f"replaced by a new label from {actor}"
+        await conn.execute(insert(labels_table), rows)
+        await _write_version(conn, saved, topic.version, deleted=False)
+    return saved, [_public(row) for row in rows]
+
+
+async def undo_label(
+    engine: AsyncEngine, topic: Topic, label_id: str, *, actor: str
+) -> tuple[Topic, dict[str, object]] | None:
+    """Mark an active label of ``topic`` undone and bump the topic's version; None if the topic
+    has no such label, the label unchanged (and no new version) if it was undone already."""
+    now = utcnow()
+    async with engine.begin() as conn:
+        row = (
+            await conn.execute(
+                select(labels_table).where(
+                    labels_table.c.id == label_id, labels_table.c.topic == topic.slug
+                )
+            )
+        ).first()
+        if row is None:
+            return None
+        if row.undone_at is not None:
+            return topic, _public(dict(row._mapping))
+        saved = topic.model_copy(update={"version": topic.version + 1})
+        await conn.execute(
+            update(labels_table)
+            .where(labels_table.c.id == label_id)
+            .values(undone_at=now, undone_by=actor)
+        )
+        await _write_version(conn, saved, topic.version, deleted=False)
+    return saved, _public({**row._mapping, "undone_at": now, "undone_by": actor})
+
+
+def _public(row: Mapping[str, object]) -> dict[str, object]:
+    return {k: v for k, v in row.items() if k not in ("vectors", "passages")}
+
+
+@dataclass(frozen=True)
+class LabelPage:
+    total: int
+    items: list[dict[str, object]]
+
+
+async def list_labels(
+    engine: AsyncEngine, topic: str, *, include_undone: bool, limit: int, offset: int
+) -> LabelPage:
+    """A topic's labels, newest first."""
+    conditions = [labels_table.c.topic == topic]
+    if not include_undone:
+        conditions.append(labels_table.c.undone_at.is_(None))
+    columns = [c for c in labels_table.c if c.name not in ("vectors", "passages")]
+    async with engine.connect() as conn:
+        total = await conn.scalar(select(func.count()).select_from(labels_table).where(*conditions))
+        rows = await conn.execute(
+            select(*columns)
+            .where(*conditions)
+            .order_by(labels_table.c.created_at.desc(), labels_table.c.id)
+            .limit(limit)
+            .offset(offset)
+        )
+        return LabelPage(total=int(total or 0), items=[dict(row._mapping) for row in rows])
+
+
+async def labels_of(engine: AsyncEngine, article_id: str) -> list[dict[str, object]]:
+    """Every label an article got, for any topic, newest first."""
+    columns = [c for c in labels_table.c if c.name not in ("vectors", "passages")]
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            select(*columns)
+            .where(labels_table.c.article_id == article_id)
+            .order_by(labels_table.c.created_at.desc())
+        )
+        return [dict(row._mapping) for row in rows]
+
+
+async def active_labels(
+    engine: AsyncEngine, per_topic: int, *, topics: Sequence[str]
+) -> dict[str, list[Label]]:
+    """The active labels of ``topics`` with their vectors, at most the latest ``per_topic``."""
+    if not topics:
+        return {}
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            select(
+                labels_table.c.id,
+                labels_table.c.topic,
+                labels_table.c.article_id,
+                labels_table.c.title,
+                labels_table.c.relevant,
+                labels_table.c.vectors,
+                labels_table.c.passages,
+            )
+            .where(labels_table.c.undone_at.is_(None), labels_table.c.topic.in_(list(topics)))
+            .order_by(labels_table.c.topic, labels_table.c.created_at.desc(), labels_table.c.id)
+        )
+        by_topic: dict[str, list[Label]] = {}
+        for row in rows:
+            own = by_topic.setdefault(row.topic, [])
+            if len(own) < per_topic:
+                own.append(
+                    Label(
+                        label_id=row.id,
+                        article_id=row.article_id,
+                        title=row.title,
+                        relevant=row.relevant,
+                        vectors=_vectors(row.vectors, row.passages),
+                    )
+                )
+    return by_topic
+
+
+async def label_topic(engine: AsyncEngine, label_id: str) -> str | None:
+    """The topic a label belongs to."""
+    async with engine.connect() as conn:
+        return await conn.scalar(select(labels_table.c.topic).where(labels_table.c.id == label_id))
+
+
+async def labelled_articles(engine: AsyncEngine, topic: str) -> set[str]:
+    """The articles with an active label for ``topic``."""
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            select(labels_table.c.article_id).where(
+                labels_table.c.topic == topic, labels_table.c.undone_at.is_(None)
+            )
+        )
+        return {row.article_id for row in rows}

@@ -12,7 +12,7 @@ import re
 import tomllib
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
@@ -64,10 +64,30 @@ class TopicDefinition(BaseModel):
     description: Description
     examples: Annotated[Examples, Field(min_length=1, max_length=MAX_EXAMPLES)]
     counter_examples: Annotated[Examples, Field(max_length=MAX_EXAMPLES)] = ()
-    threshold: float = Field(ge=0.0, le=1.0)
+    threshold: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="the calibrated confidence (0..1) at or above which an article matches",
+    )
+    midpoint: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="the examples' vote (0..1) at which an article is as likely relevant as "
+        "not: the calibration's centre; unset, the typical value",
+    )
     require_any: Terms = ()
     exclude_any: Terms = ()
     enabled: bool = True
+    status: Literal["draft", "live"] = Field(
+        "live", description="a draft is scored only in previews until it is published"
+    )
+
+    @property
+    def live(self) -> bool:
+        """Scored as articles arrive: published and enabled."""
+        return self.enabled and self.status == "live"
 
 
 class Topic(TopicDefinition):
@@ -86,6 +106,7 @@ class TopicUpdate(BaseModel):
     examples: Annotated[Examples, Field(min_length=1, max_length=MAX_EXAMPLES)] | None = None
     counter_examples: Annotated[Examples, Field(max_length=MAX_EXAMPLES)] | None = None
     threshold: float | None = Field(None, ge=0.0, le=1.0)
+    midpoint: float | None = Field(None, ge=0.0, le=1.0)
     require_any: Terms | None = None
     exclude_any: Terms | None = None
     enabled: bool | None = None
