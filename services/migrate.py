@@ -25,14 +25,15 @@ _LOCK_KEY = 0x6E65_7773_6D6F_6E  # "newsmon"
 
 
 def target_metadata() -> list[MetaData]:
-    """Every service's tables, and the database bus's. Like the runner, this module sees all
-    three services."""
+    """Every service's tables, the database bus's and the kernel's secrets. Like the runner,
+    this module sees all three services."""
     from newsmon.alerts.tables import metadata as alerts
     from newsmon.bus._backends.database import metadata as bus
     from newsmon.classify.store import metadata as classify
+    from newsmon.feedback_links import metadata as kernel
     from newsmon.ingest.store import metadata as ingest
 
-    return [ingest, classify, alerts, bus]
+    return [ingest, classify, alerts, bus, kernel]
 
 
 def alembic_config(connection: Connection | None = None) -> Config:

@@ -148,7 +148,18 @@ class Settings(BaseSettings):
     digest_hourly_s: float = Field(3600.0, gt=0, description="period of hourly digests")
     digest_daily_s: float = Field(86400.0, gt=0, description="period of daily digests")
     public_url: str = Field(
-        "http://127.0.0.1:8000", description="where recipients reach the API (unsubscribe links)"
+        "http://127.0.0.1:8000",
+        description="where recipients reach the API (unsubscribe and feedback links)",
+    )
+
+    # feedback links in alerts (alerts make them, classify records the label they carry)
+    feedback_secret: SecretStr | None = Field(
+        None,
+        description="signs feedback links (32+ characters, not a repeated pattern); "
+        "unset: a random secret made once and kept in the database",
+    )
+    feedback_link_days: float = Field(
+        30.0, gt=0, le=3650, description="how long an alert's feedback links work"
     )
 
     @field_validator("webhook_retry_delays_s", "email_retry_delays_s")
@@ -157,6 +168,20 @@ class Settings(BaseSettings):
         if any(d < 0 for d in delays):
             raise ValueError("retry delays must be >= 0")
         return delays
+
+    @field_validator("feedback_secret")
+    @classmethod
+    def _strong_secret(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is None:
+            return None
+        value = secret.get_secret_value()
+        # A placeholder ("changeme…", "xxxx…") or a short word would let anyone sign links.
+        if len(value) < 32 or len(set(value)) < 10:
+            raise ValueError(
+                "NEWSMON_FEEDBACK_SECRET is weak: use 32+ random characters "
+                "(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+        return secret
 
     @model_validator(mode="after")
     def _keys_unless_loopback(self) -> Settings:
