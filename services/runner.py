@@ -65,11 +65,18 @@ def build_parts(
         ingest = IngestService(settings, bus, engine, load_feeds(settings.feeds_file))
         parts.append(Part(ingest, [ingest_routes.build_router(ingest)]))
     if "classify" in roles:
+        from newsmon.classify import links as classify_links
         from newsmon.classify import routes as classify_routes
         from newsmon.classify.service import ClassifyService
 
         classify = ClassifyService.from_settings(settings, bus, engine)
-        parts.append(Part(classify, [classify_routes.build_router(classify)]))
+        parts.append(
+            Part(
+                classify,
+                [classify_routes.build_router(classify)],
+                [classify_links.build_public_router(classify)],
+            )
+        )
     if "alerts" in roles:
         from newsmon.alerts import routes as alerts_routes
         from newsmon.alerts.service import AlertsService

@@ -62,7 +62,7 @@ def render(
     """One email for one alert, or a digest of several (``period`` names the digest's period).
 
     ``alerts`` are the ``data`` objects of alert payloads (topic, score, threshold, evidence,
-    article).
+    article, and the feedback links; alerts recorded before the links existed have none).
     """
     if period is None:
         alert = alerts[0]
@@ -103,6 +103,9 @@ def _text(intro: str, alerts: Sequence[dict[str, Any]], unsubscribe_url: str) ->
         if article.get("summary"):
             lines.append(f"  summary: {article['summary']}")
         lines.append(f"  because: {a['evidence']['passage']}")
+        if feedback := a.get("feedback"):
+            lines.append(f"  more like this: {feedback['relevant']}")
+            lines.append(f"  not relevant: {feedback['not_relevant']}")
         blocks.append("\n".join(lines))
     blocks.append(f"Unsubscribe: {unsubscribe_url}")
     return "\n\n".join(blocks) + "\n"
@@ -120,11 +123,17 @@ def _html(intro: str, alerts: Sequence[dict[str, Any]], unsubscribe_url: str) ->
             title = f'<a href="{e(link)}">{title}</a>'
         feed = e(article["feed"]["title"] or article["feed"]["url"])
         summary = f"<p>{e(article['summary'])}</p>" if article.get("summary") else ""
+        feedback = ""
+        if links := a.get("feedback"):
+            feedback = (
+                f'<p><a href="{e(links["relevant"])}">More like this</a> · '
+                f'<a href="{e(links["not_relevant"])}">Not relevant</a></p>'
+            )
         items.append(
             f"<li><h3>{title}</h3>"
             f"<p><b>{e(a['topic'])}</b> score {a['score']:.3f} "
             f"(threshold {a['threshold']:.2f}) · {feed}</p>{summary}"
-            f"<blockquote>{e(a['evidence']['passage'])}</blockquote></li>"
+            f"<blockquote>{e(a['evidence']['passage'])}</blockquote>{feedback}</li>"
         )
     return (
         "<!doctype html><html><body><p>"

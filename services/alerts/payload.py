@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping
 
 from newsmon.events import Article, ArticleMatched, Evidence, TopicScore, utcnow
 
@@ -16,9 +17,18 @@ TEST_EVENT = "subscription.test"
 
 
 def build_payload(
-    subscription_id: str, event: ArticleMatched, score: TopicScore, *, kind: str = MATCHED_EVENT
+    subscription_id: str,
+    event: ArticleMatched,
+    score: TopicScore,
+    *,
+    feedback: Mapping[str, str],
+    kind: str = MATCHED_EVENT,
 ) -> bytes:
-    """The JSON body of one alert (Standard Webhooks shape: type, timestamp, data)."""
+    """The JSON body of one alert (Standard Webhooks shape: type, timestamp, data).
+
+    ``feedback`` holds the alert's signed links (``newsmon.feedback_links.feedback_links``):
+    ``relevant`` ("more like this"), ``not_relevant`` and their ``expires_at``.
+    """
     article = event.article
     body = {
         "type": kind,
@@ -40,6 +50,7 @@ def build_payload(
                 "feed": {"url": article.feed_url, "title": article.feed_title},
                 "fetched_at": event.fetched_at.isoformat(),
             },
+            "feedback": dict(feedback),
         },
     }
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()

@@ -47,6 +47,7 @@ from newsmon.events import (
     as_utc,
     utcnow,
 )
+from newsmon.feedback_links import claim_for, feedback_links, feedback_secret
 from newsmon.settings import Settings
 from newsmon.ssrf import Resolver, UnsafeURL, check_url, system_resolver
 
@@ -94,6 +95,8 @@ class AlertsService:
         self._topics = topics
         self.subscriptions = SubscriptionStore(engine)
         self.deliveries = DeliveryStore(engine)
+        self._engine = engine
+        self._feedback_secret: bytes | None = None  # read by ensure_seeded
         self._resolver = resolver
         self._bus = bus
         self._seeds = list(seeds)
@@ -120,12 +123,14 @@ class AlertsService:
                 await channel.close()
 
     async def ensure_seeded(self) -> None:
-        """Load the seeds file's subscriptions into the store, on the store's first start only."""
+        """Load the seeds file's subscriptions into the store, on the store's first start only,
+        and the secret that signs the alerts' feedback links."""
         async with self._seed_lock:
             if not self._seeded:
                 added = await self.subscriptions.seed_once(self._seeds)
                 if added:
                     log.info("%d subscription(s) added from the seeds file", added)
+                self._feedback_secret = await feedback_secret(self.settings, self._engine)
                 self._seeded = True
 
     def ready(self) -> bool:
@@ -177,12 +182,18 @@ class AlertsService:
         period = digest_period(
             sub.mode, hourly_s=settings.digest_hourly_s, daily_s=settings.digest_daily_s
         )
+        article_id = event.article.article_id
+        claim = claim_for(
+            article_id, score.topic, sub.id, lifetime_days=settings.feedback_link_days, now=utcnow()
+        )
+        assert self._feedback_secret is not None, "ensure_seeded comes first"
+        feedback = feedback_links(claim, self._feedback_secret, settings.public_url)
         return NewDelivery(
-            id=delivery_id(sub.id, event.article.article_id, score.topic),
+            id=delivery_id(sub.id, article_id, score.topic),
             subscription_id=sub.id,
-            article_id=event.article.article_id,
+            article_id=article_id,
             topic=score.topic,
-            payload=build_payload(sub.id, event, score, kind=kind),
+            payload=build_payload(sub.id, event, score, feedback=feedback, kind=kind),
             not_before=next_digest_at(utcnow(), period) if period else None,
         )
 
