@@ -98,8 +98,10 @@ class Settings(BaseSettings):
         "default $XDG_CACHE_HOME/newsmon/model (~/.cache/…)",
     )
     classify_batch_size: int = Field(64, ge=1, le=1024, description="articles per micro-batch")
+    # An ingest poll's articles reach classify together (one bus write, or one fetch), so the
+    # wait only gathers stragglers: every article of a batch that does not fill waits it out.
     classify_batch_wait_s: float = Field(
-        0.05, ge=0, description="how long a micro-batch waits to fill after its first article"
+        0.02, ge=0, description="how long a micro-batch waits to fill after its first article"
     )
     classify_max_attempts: int = Field(
         3, ge=1, description="tries of an article that fails before it is dead-lettered"
