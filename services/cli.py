@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -24,6 +25,27 @@ def _setting(loc: tuple[int | str, ...]) -> str:
     return ".".join([head, *map(str, loc[1:])])
 
 
+def _score(settings: Settings, args: argparse.Namespace) -> int:
+    from newsmon.classify.batch import Feedback
+    from newsmon.classify.batch import run as score_file
+    from newsmon.migrate import migrate_url
+
+    if args.feedback is None:
+        return score_file(settings, args.input, args.output, args.topics)
+    if args.review_per_day < 0:
+        print("newsmon score: --review-per-day must be >= 0", file=sys.stderr)
+        return 2
+    if not args.feedback.is_file():
+        print(f"newsmon score: no such file: {args.feedback}", file=sys.stderr)
+        return 2
+    # The backtest's labels go to a scratch database, never to the real topics.
+    with tempfile.TemporaryDirectory(prefix="newsmon-backtest-") as scratch:
+        url = f"sqlite+aiosqlite:///{Path(scratch) / 'backtest.db'}"
+        asyncio.run(migrate_url(url))
+        feedback = Feedback(args.feedback, args.review_per_day, url)
+        return score_file(settings, args.input, args.output, args.topics, feedback)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="newsmon", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -36,6 +58,20 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("input", type=Path, help="JSONL: id, title, summary, content (optional)")
     score.add_argument("-o", "--output", type=Path, help="JSONL of scores (default: stdout)")
     score.add_argument("--topics", type=Path, help="a topics TOML file instead of the store's")
+    score.add_argument(
+        "--feedback",
+        type=Path,
+        metavar="LABELS.jsonl",
+        help="backtest: day by day, label each day's matches and review queue from this file"
+        " ({id, topics} lines) before scoring the next day",
+    )
+    score.add_argument(
+        "--review-per-day",
+        type=int,
+        default=3,
+        metavar="K",
+        help="with --feedback: review-queue articles labelled per topic per day (default 3)",
+    )
     commands.add_parser("migrate", help="bring the database schema to the newest revision")
     for sub in commands.choices.values():
         sub.add_argument("--host", help="HTTP API address (NEWSMON_HTTP_HOST)")
@@ -73,9 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         # Only the migrations create tables, whichever command comes first on a new database.
         asyncio.run(migrate_url(settings.database_url))
     if args.command == "score":
-        from newsmon.classify.batch import run as score_file
-
-        return score_file(settings, args.input, args.output, args.topics)
+        return _score(settings, args)
     if args.command == "migrate":
         return 0
     roles: tuple[str, ...]
