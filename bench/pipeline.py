@@ -444,7 +444,8 @@ def settings_env(
     return env | {
         "NEWSMON_FEEDS_FILE": str(workdir / "feeds.toml"),
         "NEWSMON_SUBSCRIPTIONS_FILE": str(workdir / "subscriptions.toml"),
-        "NEWSMON_TOPICS_FILE": str(REPO / "seeds" / "topics.toml"),
+        # A revision's topics, from its own seeds: the schema of a topic changes with the code.
+        "NEWSMON_TOPICS_FILE": str((code / "newsmon" if code else REPO) / "seeds" / "topics.toml"),
         "NEWSMON_DATABASE_URL": database_url,
         "NEWSMON_BUS_URL": bus_url,
         "NEWSMON_HTTP_PORT": "0",
