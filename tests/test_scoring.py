@@ -210,6 +210,21 @@ def test_terms_match_whole_words_case_insensitively() -> None:
     assert find_term(("cartel*",), "Cartels clashed") == "Cartels"
     assert find_term(("López Obrador",), "president López Obrador said") == "López Obrador"
     assert check_keywords(TOPIC, "anything") == (None, None)
+    # Terms that begin or end with punctuation match too, still as whole words.
+    assert find_term(("U.S.",), "The U.S. and Mexico agreed") == "U.S."
+    assert find_term(("U.S.",), "The U.S.A. said") is None
+    assert find_term(("AT&T",), "AT&T said") == "AT&T"
+
+
+def test_require_also_wants_a_term_of_each_group_as_well() -> None:
+    topic = TOPIC.model_copy(
+        update={"require_any": ("cartel*",), "require_also": (("arrest*", "captur*"),)}
+    )
+    assert check_keywords(topic, "Cartel leader arrested in raid") == ("Cartel", None)
+    required, rejection = check_keywords(topic, "Cartel violence flares in the north")
+    assert required == "Cartel" and rejection is not None
+    assert rejection.startswith("mentions none of the terms also required: arrest*, captur*")
+    assert check_keywords(topic, "Police captured a smuggler")[1] is not None  # no cartel word
 
 
 def test_control_characters_are_removed_before_scoring() -> None:

@@ -39,7 +39,7 @@ CALIBRATION_SLOPE = 25.0
 DEFAULT_MIDPOINT = 0.65
 # Passages closer than this to a labelled article's count as resembling it; below it, articles
 # on the same broad subject resemble each other anyway and say nothing about the label.
-SIMILARITY_FLOOR = 0.65
+SIMILARITY_FLOOR = 0.7
 # The ridge penalty toward "labels change nothing", in units of labels: it takes about this many
 # consistent labels to move a weight by half of what they point to.
 PRIOR_STRENGTH = 2.0
@@ -130,7 +130,7 @@ def _best(similarities: npt.NDArray[np.float32], side: npt.NDArray[np.bool_]) ->
 
 
 def _above_floor(similarity: float) -> float:
-    return max(0.0, similarity - SIMILARITY_FLOOR) / (1.0 - SIMILARITY_FLOOR)
+    return (max(0.0, similarity - SIMILARITY_FLOOR) / (1.0 - SIMILARITY_FLOOR)) ** 2
 
 
 def features_from(prior: float, relevant: float, not_relevant: float) -> npt.NDArray[np.float64]:

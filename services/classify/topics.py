@@ -1,9 +1,10 @@
 """Topics: what operators want to hear about, their keyword constraints, and the seeds file.
 
 A topic is described in words and by examples on both sides; it may also carry keyword
-constraints (``require_any``: a match must mention one of these terms; ``exclude_any``: a match
-must mention none of them). Terms are case-insensitive words or phrases matched on word
-boundaries; a trailing ``*`` matches any ending (``extradit*``).
+constraints (``require_any``: a match must mention one of these terms; ``require_also``: groups
+of terms of which a match must mention one each, on top: "an arrest word" and "a cartel word";
+``exclude_any``: a match must mention none of them). Terms are case-insensitive words or phrases
+matched on word boundaries; a trailing ``*`` matches any ending (``extradit*``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 MAX_EXAMPLES = 60
 MAX_EXAMPLE_CHARS = 500
 MAX_TERMS = 60
+MAX_GROUPS = 5
 MAX_TERM_CHARS = 80
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 
@@ -78,6 +80,9 @@ class TopicDefinition(BaseModel):
         "not: the calibration's centre; unset, the typical value",
     )
     require_any: Terms = ()
+    require_also: Annotated[tuple[Terms, ...], Field(max_length=MAX_GROUPS)] = Field(
+        (), description="groups of terms: a match mentions one term of each, as well"
+    )
     exclude_any: Terms = ()
     enabled: bool = True
     status: Literal["draft", "live"] = Field(
@@ -108,6 +113,7 @@ class TopicUpdate(BaseModel):
     threshold: float | None = Field(None, ge=0.0, le=1.0)
     midpoint: float | None = Field(None, ge=0.0, le=1.0)
     require_any: Terms | None = None
+    require_also: Annotated[tuple[Terms, ...], Field(max_length=MAX_GROUPS)] | None = None
     exclude_any: Terms | None = None
     enabled: bool | None = None
 
@@ -118,10 +124,11 @@ class TopicUpdate(BaseModel):
 
 @lru_cache(maxsize=1024)
 def _term_pattern(terms: tuple[str, ...]) -> re.Pattern[str]:
+    # Not \b: a term that begins or ends with punctuation ("U.S.") has no word boundary there.
     alternatives = [
-        re.escape(t[:-1]) + r"\w*" if t.endswith("*") else re.escape(t) + r"\b" for t in terms
+        re.escape(t[:-1]) + r"\w*" if t.endswith("*") else re.escape(t) + r"(?!\w)" for t in terms
     ]
-    return re.compile(r"\b(?:" + "|".join(alternatives) + ")", re.IGNORECASE)
+    return re.compile(r"(?<!\w)(?:" + "|".join(alternatives) + ")", re.IGNORECASE)
 
 
 def find_term(terms: tuple[str, ...], text: str) -> str | None:
@@ -141,6 +148,9 @@ def check_keywords(topic: TopicDefinition, text: str) -> tuple[str | None, str |
     required_hit = find_term(topic.require_any, text)
     if topic.require_any and required_hit is None:
         return None, "mentions none of the required terms: " + ", ".join(topic.require_any)
+    for group in topic.require_also:
+        if group and find_term(group, text) is None:
+            return required_hit, "mentions none of the terms also required: " + ", ".join(group)
     excluded = find_term(topic.exclude_any, text)
     if excluded is not None:
         return required_hit, f"mentions the excluded term {excluded!r}"
