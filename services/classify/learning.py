@@ -10,16 +10,20 @@ Two plain steps on top of the topic's nearest-example vote (``scoring.score_topi
   ``python -m bench.calibrate`` on the earliest two thirds (by date) of the labelled development
   set, over the articles that pass each topic's keyword constraints. A calibrated 0.5 reads "as
   likely relevant as not", which makes 0.5 the default threshold for a new topic.
-- **Labels.** A topic with labels adds two features to the calibrated score's log-odds: how close
+- **Labels.** A topic with labels adds two terms to the calibrated score's log-odds: how close
   the article comes to the nearest article labelled relevant, and to the nearest one labelled not
-  relevant (cosine similarity of their closest passages, above ``SIMILARITY_FLOOR``). A logistic
-  regression per topic learns how much each is worth, and may re-scale the calibrated score
-  itself. It is fitted on the topic's labels with each labelled article's features computed
-  *without* its own label (leave one out: a label never explains itself), and pulled toward
-  "labels change nothing" by a ridge penalty, so a handful of labels moves a topic a little and
-  hundreds move it as far as they agree. A counter-example that resembles true matches therefore
-  costs only what the labels show it is worth, instead of the fixed penalty a new
-  counter-example would carry.
+  relevant (the cosine of their closest passages, counted from ``SIMILARITY_FLOOR`` up and
+  squared, so that only rewrites and close follow-ups of a labelled story count much). A
+  logistic regression per topic learns how much each is worth. It starts from a prior
+  (``PRIOR_WEIGHTS``: a near-duplicate of a labelled article moves about four log-odds its way,
+  so one "not relevant" already quiets the rewrites of a story), is fitted on the topic's labels
+  with each labelled article's features computed *without* its own label (leave one out: a
+  label never explains itself), and is pulled toward the prior by a ridge penalty, so labels
+  move the weights only as far as they agree. The calibrated score's own weight and the bias
+  stay fixed: labels come from alerts and the review queue, a sample gathered near the
+  threshold, and refitting the whole curve on it would move every article far from any label
+  (on the backtest, it cut the rare topics' recall to nothing). A counter-example that resembles
+  true matches therefore costs only what the labels show it is worth, and only near itself.
 
 An undone label is simply not given to the fit. Everything here is a pure function of vectors.
 """
@@ -96,12 +100,6 @@ class TopicLabels:
     owner: npt.NDArray[np.intp]  # which label each row belongs to
     relevant: npt.NDArray[np.bool_]  # per label
     weights: npt.NDArray[np.float64]
-
-    @property
-    def counts(self) -> tuple[int, int]:
-        """(relevant, not relevant) labels."""
-        n_rel = int(self.relevant.sum())
-        return n_rel, len(self.labels) - n_rel
 
     def resemblance(
         self, vectors: Vectors, exclude: int | None = None
