@@ -242,7 +242,7 @@ def test_replay_reports_articles_whose_decision_flips() -> None:
     current, stricter, looser = index_topics(
         [
             TOPIC,
-            TOPIC.model_copy(update={"threshold": 1.0}),
+            TOPIC.model_copy(update={"midpoint": 0.99}),
             TOPIC.model_copy(update={"threshold": 0.0}),
         ],
         embedder,

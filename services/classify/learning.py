@@ -39,7 +39,7 @@ import numpy.typing as npt
 from newsmon.classify.model import Vectors
 
 # Fitted by bench/calibrate.py on the dev set's earliest two thirds; see its docstring.
-CALIBRATION_SLOPE = 25.0
+CALIBRATION_SLOPE = 75.0
 DEFAULT_MIDPOINT = 0.65
 # Passages closer than this to a labelled article's count as resembling it; below it, articles
 # on the same broad subject resemble each other anyway and say nothing about the label.
@@ -47,7 +47,8 @@ SIMILARITY_FLOOR = 0.7
 # The ridge penalty toward "labels change nothing", in units of labels: it takes about this many
 # consistent labels to move a weight by half of what they point to.
 PRIOR_STRENGTH = 2.0
-_LOGIT_LIMIT = 9.0
+# Log-odds are kept within ±this: far enough that a score rounded to 4 places is exact.
+_LOGIT_LIMIT = 20.0
 _NEWTON_STEPS = 25
 
 
@@ -60,7 +61,7 @@ def calibrate(
 
 
 def logit(p: float | npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
     return np.clip(np.log(p / (1 - p)), -_LOGIT_LIMIT, _LOGIT_LIMIT)
 
 

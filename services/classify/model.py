@@ -211,7 +211,11 @@ class _OnnxEncoder:
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
             providers.insert(0, "CUDAExecutionProvider")
-        self._session = ort.InferenceSession(str(self._path), providers=providers)
+        options = ort.SessionOptions()
+        # Idle threads that spin wait for work by burning a core; on a machine the services (and
+        # their neighbours) share, that core is taken from the event loop and the others.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._session = ort.InferenceSession(str(self._path), options, providers=providers)
 
     def _export(self) -> None:
         import torch
