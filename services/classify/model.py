@@ -14,13 +14,14 @@ then unit length, as the models' modules do) are done here.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -91,6 +92,24 @@ class SentenceTransformerEmbedder:
         cache_dir: Path | None = None,
         model_path: Path | None = None,
     ) -> None:
+        self.model_path = check_model_dir(model_path or packaged_model_path())
+        self.batch_size = batch_size
+        self.backend = backend
+        self._device = device
+        # The onnx backends load torch and sentence-transformers only to export the graph,
+        # once per cache: a process that finds the export runs on ONNX Runtime and the
+        # tokenizer alone (about 440 MB less resident memory).
+        self._model: Any = None
+        self._onnx: _OnnxEncoder | None = None
+        if backend == "torch":
+            self._model = self._load()
+        else:
+            exports = (cache_dir or default_cache_dir()) / model_cache_key(self.model_path)
+            self._onnx = _OnnxEncoder(self.model_path, exports, quantized=backend == "onnx-int8")
+            self._onnx.session_for(device, self._load)
+
+    def _load(self) -> Any:
+        """The model through sentence-transformers, offline."""
         # Set before sentence-transformers/transformers import: they read it at import time.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -99,31 +118,22 @@ class SentenceTransformerEmbedder:
 
         # A progress bar per model load clutters the service logs.
         transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-
-        self.model_path = check_model_dir(model_path or packaged_model_path())
         try:
-            self.model: Any = SentenceTransformer(
+            return SentenceTransformer(
                 str(self.model_path),
-                device=device,
+                device=self._device,
                 local_files_only=True,
                 trust_remote_code=False,
             )
         except Exception as exc:
             raise ModelError(f"cannot load the model in {str(self.model_path)!r}: {exc}") from exc
-        self.batch_size = batch_size
-        self.backend = backend
-        self._onnx: _OnnxEncoder | None = None
-        if backend != "torch":
-            exports = (cache_dir or default_cache_dir()) / model_cache_key(self.model_path)
-            self._onnx = _OnnxEncoder(self.model, exports, quantized=backend == "onnx-int8")
-            self._onnx.session_for(device)
 
     def embed(self, texts: Sequence[str]) -> Vectors:
         if not texts:
             return np.zeros((0, self.dimensions), dtype=np.float32)
         if self._onnx is not None:
             return self._onnx.encode(texts, self.batch_size)
-        vectors = self.model.encode(
+        vectors = self._model.encode(
             list(texts),
             batch_size=self.batch_size,
             normalize_embeddings=True,
@@ -134,7 +144,7 @@ class SentenceTransformerEmbedder:
 
     @property
     def dimensions(self) -> int:
-        return _dimensions(self.model)
+        return self._onnx.dimensions if self._onnx is not None else _dimensions(self._model)
 
 
 def _dimensions(model: Any) -> int:
@@ -165,29 +175,39 @@ def model_cache_key(path: Path) -> str:
 
 
 class _OnnxEncoder:
-    """A mean-pooled model's transformer as an ONNX graph, run by ONNX Runtime."""
+    """A mean-pooled model's transformer as an ONNX graph, run by ONNX Runtime.
+
+    It reads the model directory's own files: ``modules.json`` and the pooling configuration
+    (mean pooling only), ``sentence_bert_config.json`` (the longest input) and the fast
+    tokenizer's ``tokenizer.json``, which tokenises exactly as the model's tokenizer does.
+    """
 
     _export_lock = threading.Lock()
 
-    def __init__(self, model: Any, cache_dir: Path, *, quantized: bool) -> None:
-        modules = [type(m).__name__ for m in model]
-        pooling = getattr(model[1], "pooling_mode", None) if len(modules) > 1 else None
-        if modules[:2] != ["Transformer", "Pooling"] or pooling not in ("mean", ("mean",)):
+    def __init__(self, model_dir: Path, cache_dir: Path, *, quantized: bool) -> None:
+        from tokenizers import Tokenizer
+
+        self._model_dir = model_dir
+        _check_mean_pooling(model_dir)
+        try:
+            config = json.loads((model_dir / "sentence_bert_config.json").read_text("utf-8"))
+            self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        except (OSError, ValueError) as exc:
             raise ModelError(
-                f"the onnx backends need a Transformer with mean pooling; the model "
-                f"{modules} pools {pooling!r}: set NEWSMON_MODEL_BACKEND=torch"
-            )
-        self._tokenizer = model.tokenizer
-        self._inputs = list(self._tokenizer.model_input_names)
-        self._max_length = int(model.max_seq_length)
-        self._dimensions = _dimensions(model)
-        self._model = model
+                f"the onnx backends need {str(model_dir)!r} to hold sentence_bert_config.json "
+                f"and a fast tokenizer's tokenizer.json ({exc}): set NEWSMON_MODEL_BACKEND=torch"
+            ) from exc
+        self._tokenizer.enable_truncation(int(config["max_seq_length"]))
+        self._tokenizer.enable_padding(**_padding(model_dir, self._tokenizer))
         self._path = cache_dir / ("model_int8.onnx" if quantized else "model.onnx")
         self._fp32 = cache_dir / "model.onnx"
         self._quantized = quantized
         self._session: Any = None
+        self._inputs: list[str] = []
+        self.dimensions = 0
 
-    def session_for(self, device: str) -> None:
+    def session_for(self, device: str, load: Callable[[], Any]) -> None:
+        """Open the graph, exporting it first (with the model ``load`` gives) if it is missing."""
         import onnxruntime as ort
 
         # The tracer and the quantiser warn about graph details that do not apply to this
@@ -201,7 +221,7 @@ class _OnnxEncoder:
             # One export per cache, whichever process starts first; the others wait for it.
             warnings.simplefilter("ignore")
             if not self._fp32.is_file():
-                self._export()
+                self._export(load())
             if self._quantized and not self._path.is_file():
                 from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -216,12 +236,15 @@ class _OnnxEncoder:
         # their neighbours) share, that core is taken from the event loop and the others.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = ort.InferenceSession(str(self._path), options, providers=providers)
+        self._inputs = [i.name for i in self._session.get_inputs()]
+        self.dimensions = int(self._session.get_outputs()[0].shape[-1])
 
-    def _export(self) -> None:
+    def _export(self, model: Any) -> None:
         import torch
 
-        transformer = self._model[0].auto_model
-        names = self._inputs  # what the tokenizer gives this model: BERT adds token_type_ids
+        transformer = model[0].auto_model
+        # What the tokenizer gives this model: BERT adds token_type_ids.
+        names = list(model.tokenizer.model_input_names)
 
         class LastHiddenState(torch.nn.Module):
             def __init__(self) -> None:
@@ -231,7 +254,7 @@ class _OnnxEncoder:
             def forward(self, *inputs: Any) -> Any:
                 return self.transformer(**dict(zip(names, inputs, strict=True))).last_hidden_state
 
-        sample = self._tokenizer(["a", "an example"], padding=True, return_tensors="pt")
+        sample = model.tokenizer(["a", "an example"], padding=True, return_tensors="pt")
         partial = self._fp32.with_suffix(".partial")
         torch.onnx.export(
             LastHiddenState().to("cpu").eval(),
@@ -255,23 +278,61 @@ class _OnnxEncoder:
             batch_size = 1
         # Sorted by length, as sentence-transformers does, so each batch pads little.
         order = np.argsort([-len(t) for t in texts], kind="stable")
-        out = np.empty((len(texts), self._dimensions), dtype=np.float32)
+        out = np.empty((len(texts), self.dimensions), dtype=np.float32)
         for start in range(0, len(texts), batch_size):
             rows = order[start : start + batch_size]
-            tokens = self._tokenizer(
-                [texts[i] for i in rows],
-                padding=True,
-                truncation=True,
-                max_length=self._max_length,
-                return_tensors="np",
-            )
-            inputs = {name: tokens[name].astype(np.int64) for name in self._inputs}
+            encoded = self._tokenizer.encode_batch([texts[i] for i in rows])
+            inputs = {
+                name: np.array([getattr(e, _ENCODING_FIELDS[name]) for e in encoded], np.int64)
+                for name in self._inputs
+            }
             hidden = self._session.run(None, inputs)[0]
             mask = inputs["attention_mask"][:, :, None].astype(np.float32)
             pooled = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
             norms = np.linalg.norm(pooled, axis=1, keepdims=True)
             out[rows] = pooled / np.clip(norms, 1e-12, None)
         return out
+
+
+# The graph's inputs, as a fast tokenizer's encodings name them.
+_ENCODING_FIELDS = {
+    "input_ids": "ids",
+    "attention_mask": "attention_mask",
+    "token_type_ids": "type_ids",
+}
+
+
+def _check_mean_pooling(model_dir: Path) -> None:
+    """Refuse a model the ONNX path would pool wrongly: it mean-pools, as the model must."""
+    modules = json.loads((model_dir / "modules.json").read_text("utf-8"))
+    kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+    pooling: dict[str, Any] = {}
+    if kinds[:2] == ["Transformer", "Pooling"]:
+        with contextlib.suppress(OSError, ValueError):
+            pooling = json.loads(
+                (model_dir / modules[1]["path"] / "config.json").read_text("utf-8")
+            )
+    modes = sorted(k for k, v in pooling.items() if k.startswith("pooling_mode") and v is True)
+    if modes != ["pooling_mode_mean_tokens"]:
+        raise ModelError(
+            f"the onnx backends need a Transformer with mean pooling; the model in "
+            f"{str(model_dir)!r} has modules {kinds} pooling by {modes or 'nothing known'}:"
+            " set NEWSMON_MODEL_BACKEND=torch"
+        )
+
+
+def _padding(model_dir: Path, tokenizer: Any) -> dict[str, Any]:
+    """Pad to the longest text of a batch with the model's own pad token."""
+    pad: Any = "[PAD]"
+    with contextlib.suppress(OSError, ValueError):
+        config = json.loads((model_dir / "tokenizer_config.json").read_text("utf-8"))
+        pad = config.get("pad_token") or pad
+    if isinstance(pad, dict):  # an AddedToken written out
+        pad = pad.get("content", "")
+    pad_id = tokenizer.token_to_id(str(pad))
+    if pad_id is None:
+        raise ModelError(f"the tokenizer in {str(model_dir)!r} has no pad token {pad!r}")
+    return {"pad_id": pad_id, "pad_token": str(pad)}
 
 
 @contextmanager
