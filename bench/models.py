@@ -162,7 +162,7 @@ class CachedEmbedder:
     def _key(text: str) -> str:
         return hashlib.sha256(text.encode()).hexdigest()
 
-    def fill(self, texts: Sequence[str], chunk: int = 512) -> int:
+    def fill(self, texts: Sequence[str], chunk: int = 256) -> int:
         """Embed the texts not cached yet, saving after each chunk; how many were embedded."""
         missing = list(dict.fromkeys(t for t in texts if self._key(t) not in self._vectors))
         for start in range(0, len(missing), chunk):
