@@ -134,7 +134,9 @@ async def test_a_failing_feed_backs_off_and_keeps_being_retried(
     # Backoff: 0.1, 0.2, 0.4, 0.8, 0.8 … (±10%): far fewer polls than the healthy feed, but it
     # never stops: it is still polled at the cap.
     assert len(downs) >= 4
-    assert gaps[0] < 0.5  # the first retry comes after the interval, not the cap
+    # The first retries come after the interval (0.1, 0.2 s), not the cap; of the first two, one
+    # at least below 0.5 s, so that one stall of a loaded machine (0.7 s seen) is not a failure.
+    assert min(gaps[:2]) < 0.5
     assert max(gaps) >= 0.8 * 0.9 - 0.05  # the cap is reached …
     assert max(gaps) <= 0.8 * 1.1 + 1.0  # … and not exceeded (slack for a loaded machine)
     assert len(http_server.requests_to("/up")) > 2 * len(downs)
