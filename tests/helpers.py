@@ -38,6 +38,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from newsmon.bus import MemoryBus, Message
 from newsmon.classify.model import Vectors
+from newsmon.classify.topics import Topic
 from newsmon.events import (
     ARTICLES_FETCHED,
     ARTICLES_MATCHED,
@@ -607,3 +608,14 @@ class WordEmbedder:
             [[float(w in t.lower()) for w in WORDS] + [0.01] for t in texts], dtype=np.float32
         )
         return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+# A topic the word embedder can tell apart: "fentanyl" matches, "football" is its near-miss.
+WORD_TOPIC = Topic(
+    slug="fentanyl",
+    name="Fentanyl",
+    description="fentanyl",
+    examples=("fentanyl seizure",),
+    counter_examples=("football match",),
+    threshold=0.6,
+)

@@ -36,7 +36,6 @@ from newsmon.classify import links
 from newsmon.classify import routes as classify_routes
 from newsmon.classify.model import Vectors
 from newsmon.classify.service import ClassifyService
-from newsmon.classify.topics import Topic
 from newsmon.events import ARTICLES_FETCHED, Article, ArticleFetched
 from newsmon.feedback_links import Claim, feedback_secret, make_token
 from newsmon.runner import ROLES, serve
@@ -44,6 +43,7 @@ from newsmon.settings import Settings
 from tests.helpers import (
     ROOT,
     SECRET,
+    WORD_TOPIC,
     LoopbackServer,
     Reply,
     free_port,
@@ -55,14 +55,7 @@ from tests.helpers import (
 PUBLIC = "http://newsmon.test"
 ADDRESS = "analyst@example.org"
 WORDS = ("fentanyl", "weather", "football")
-TOPIC = Topic(
-    slug="fentanyl",
-    name="Fentanyl",
-    description="fentanyl",
-    examples=("fentanyl seizure",),
-    counter_examples=("football match",),
-    threshold=0.6,
-)
+TOPIC = WORD_TOPIC
 
 
 class WordEmbedder:

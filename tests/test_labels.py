@@ -16,7 +16,6 @@ from fastapi import FastAPI, Request
 from newsmon.bus import MemoryBus, Message
 from newsmon.classify.routes import build_router
 from newsmon.classify.service import ClassifyService
-from newsmon.classify.topics import Topic
 from newsmon.events import (
     ARTICLES_FETCHED,
     ARTICLES_MATCHED,
@@ -25,16 +24,9 @@ from newsmon.events import (
     ArticleMatched,
 )
 from newsmon.settings import Settings
-from tests.helpers import WordEmbedder
+from tests.helpers import WORD_TOPIC, WordEmbedder
 
-TOPIC = Topic(
-    slug="fentanyl",
-    name="Fentanyl",
-    description="fentanyl",
-    examples=("fentanyl seizure",),
-    counter_examples=("football match",),
-    threshold=0.6,
-)
+TOPIC = WORD_TOPIC
 SETTINGS = Settings(classify_retry_delay_s=0.0, classify_batch_wait_s=0.0)
 
 

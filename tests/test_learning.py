@@ -14,8 +14,7 @@ from newsmon.classify.learning import (
     learn,
 )
 from newsmon.classify.scoring import embed_articles, index_topics, score_topic
-from newsmon.classify.topics import Topic
-from tests.helpers import WordEmbedder
+from tests.helpers import WORD_TOPIC, WordEmbedder
 
 
 def unit(*values: float) -> np.ndarray:
@@ -83,14 +82,7 @@ def test_labels_that_agree_with_their_neighbours_strengthen_and_others_weaken_th
 
 def test_the_evidence_names_the_label_that_moved_the_score() -> None:
     embedder = WordEmbedder()
-    topic = Topic(
-        slug="fentanyl",
-        name="Fentanyl",
-        description="fentanyl",
-        examples=("fentanyl seizure",),
-        counter_examples=("football match",),
-        threshold=0.6,
-    )
+    topic = WORD_TOPIC
     [article] = embed_articles([("fentanyl and football", "")], embedder)
     [plain] = index_topics([topic], embedder)
     before = score_topic(article.passages, article.vectors, plain, article.text)
