@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -146,8 +147,6 @@ def test_a_backtest_scores_each_day_before_its_labels_and_learns_from_them(
                 return int(await conn.scalar(select(func.count()).select_from(labels_table)) or 0)
         finally:
             await engine.dispose()
-
-    import asyncio
 
     assert asyncio.run(real_labels()) == 0
 

@@ -43,7 +43,7 @@ from newsmon.classify.service import ClassifyService
 from newsmon.classify.store import NewLabel
 from newsmon.classify.topics import Topic, load_topics
 from newsmon.db import open_engine
-from newsmon.events import Article, article_text, as_utc, utcnow
+from newsmon.events import Article, TopicScore, article_text, as_utc, utcnow
 from newsmon.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -101,13 +101,18 @@ def score_lines(
 ) -> list[dict[str, Any]]:
     """The output records of ``lines``, in order."""
     good = [line for line in lines if line.error is None]
-    scored = iter(score_articles([(line.title, line.text) for line in good], indexes, embedder))
+    return records(lines, score_articles([(ln.title, ln.text) for ln in good], indexes, embedder))
+
+
+def records(lines: Sequence[Line], scored: Iterable[Sequence[TopicScore]]) -> list[dict[str, Any]]:
+    """The output records of ``lines``, ``scored`` holding the scores of those without error."""
+    results = iter(scored)
     out: list[dict[str, Any]] = []
     for line in lines:
         if line.error is not None:
             out.append({"id": line.id, "scores": {}, "matches": [], "error": line.error})
             continue
-        scores = next(scored)
+        scores = next(results)
         out.append(
             {
                 "id": line.id,
@@ -368,21 +373,7 @@ async def _score_and_keep(service: ClassifyService, lines: list[Line]) -> list[d
         ],
         service.settings.classify_recent_articles,
     )
-    results = iter(scored)
-    out: list[dict[str, Any]] = []
-    for line in lines:
-        if line.error is not None:
-            out.append({"id": line.id, "scores": {}, "matches": [], "error": line.error})
-            continue
-        scores = next(results)
-        out.append(
-            {
-                "id": line.id,
-                "scores": {s.topic: s.score for s in scores},
-                "matches": [s.topic for s in scores if s.matched],
-            }
-        )
-    return out
+    return records(lines, scored)
 
 
 async def _label_day(

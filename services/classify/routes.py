@@ -13,12 +13,13 @@ from datetime import datetime
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from newsmon.api import READ_ONLY, unprocessable, unprocessable_model
 from newsmon.classify.schemas import (
     ArticleView,
     Backfill,
+    BackfillRequest,
     Label,
     LabelPage,
     LabelRequest,
@@ -37,13 +38,6 @@ from newsmon.classify.service import (
 )
 from newsmon.classify.store import NewLabel, TopicConflict
 from newsmon.classify.topics import Topic, TopicDefinition, TopicUpdate
-
-
-class BackfillRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    articles: int = Field(1000, ge=1, le=20_000, description="the latest classified to replay")
-
 
 T = TypeVar("T")
 

@@ -152,6 +152,12 @@ class ArticleView(BaseModel):
     labels: list[Label]
 
 
+class BackfillRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    articles: int = Field(1000, ge=1, le=20_000, description="the latest classified to replay")
+
+
 class Backfill(BaseModel):
     slug: str
     topic_version: int

@@ -61,6 +61,7 @@ from newsmon.events import (
     ARTICLES_FETCHED_DLQ,
     ARTICLES_MATCHED,
     TOPICS_CHANGED,
+    Article,
     ArticleFetched,
     ArticleMatched,
     EventError,
@@ -488,29 +489,26 @@ class ClassifyService:
     async def _views(self, found: Sequence[store.RecentArticle]) -> list[ArticleView]:
         await self.start()
         indexes = self._indexes
-        views = []
-        for r in found:
-            scores = await asyncio.to_thread(score_embedded, r.embedded, indexes)
-            views.append(
-                ArticleView(
-                    article_id=r.article_id,
-                    title=r.title,
-                    link=r.link,
-                    classified_at=r.classified_at,
-                    passages=len(r.embedded.passages),
-                    scores=scores,
-                    decided={k: Decision.model_validate(v) for k, v in r.decided.items()},
-                    matches=[
-                        Match.model_validate(m)
-                        for m in await store.matches_of(self.engine, r.article_id)
-                    ],
-                    labels=[
-                        Label.model_validate(row)
-                        for row in await store.labels_of(self.engine, r.article_id)
-                    ],
-                )
+        scores = await asyncio.to_thread(
+            lambda: [score_embedded(r.embedded, indexes) for r in found]
+        )
+        ids = [r.article_id for r in found]
+        matches = await store.matches_of(self.engine, ids)
+        labels = await store.labels_of(self.engine, ids)
+        return [
+            ArticleView(
+                article_id=r.article_id,
+                title=r.title,
+                link=r.link,
+                classified_at=r.classified_at,
+                passages=len(r.embedded.passages),
+                scores=own,
+                decided={k: Decision.model_validate(v) for k, v in r.decided.items()},
+                matches=[Match.model_validate(m) for m in matches[r.article_id]],
+                labels=[Label.model_validate(row) for row in labels[r.article_id]],
             )
-        return views
+            for r, own in zip(found, scores, strict=True)
+        ]
 
     # drafts and backfills -------------------------------------------------------------------
 
@@ -533,31 +531,36 @@ class ClassifyService:
                 f"topic {slug!r} is not live ({topic.status}, enabled={topic.enabled}):"
                 " publish and enable it first"
             )
+        # Rows from before the article was kept with them cannot make an alert.
         recent = [
-            r for r in await store.recent_articles(self.engine, articles) if r.article is not None
+            (r, r.article)
+            for r in await store.recent_articles(self.engine, articles)
+            if r.article is not None
         ]
 
-        def compute() -> list[tuple[store.RecentArticle, TopicScore]]:
+        def compute() -> list[tuple[store.RecentArticle, Article, TopicScore]]:
             scored = []
-            for r in recent:
+            for r, article in recent:
                 if r.embedded.passages:
                     s = score_topic(r.embedded.passages, r.embedded.vectors, index, r.embedded.text)
                     if s.matched:
-                        scored.append((r, s))
+                        scored.append((r, article, s))
             return scored
 
         matching = await asyncio.to_thread(compute)
-        known = await store.matched_articles(self.engine, slug, [r.article_id for r, _ in matching])
-        fresh = [(r, s) for r, s in matching if r.article_id not in known]
+        known = await store.matched_articles(
+            self.engine, slug, [r.article_id for r, _, _ in matching]
+        )
+        fresh = [(r, s) for r, article, s in matching if r.article_id not in known]
         events = [
             ArticleMatched(
                 event_id=uuid.uuid5(_BACKFILL, f"{slug}\n{r.article_id}").hex,
-                article=r.article,
+                article=article,
                 scores=[s],
                 fetched_at=r.fetched_at or r.classified_at,
             )
-            for r, s in fresh
-            if r.article is not None
+            for r, article, s in matching
+            if r.article_id not in known
         ]
         # Published first, recorded after: a crash in between republishes the same event ids,
         # which alerts delivers once.

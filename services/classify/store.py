@@ -441,15 +441,20 @@ async def find_recent(
         return [_recent(row) for row in await conn.execute(query)]
 
 
-async def matches_of(engine: AsyncEngine, article_id: str) -> list[dict[str, object]]:
-    """Every match recorded for an article, newest first."""
+async def matches_of(
+    engine: AsyncEngine, article_ids: Sequence[str]
+) -> dict[str, list[dict[str, object]]]:
+    """Every match recorded for each of ``article_ids``, newest first."""
+    found: dict[str, list[dict[str, object]]] = {i: [] for i in article_ids}
     async with engine.connect() as conn:
         rows = await conn.execute(
             select(matches_table)
-            .where(matches_table.c.article_id == article_id)
+            .where(matches_table.c.article_id.in_(list(found)))
             .order_by(matches_table.c.matched_at.desc())
         )
-        return [dict(row._mapping) for row in rows]
+        for row in rows:
+            found[row.article_id].append(dict(row._mapping))
+    return found
 
 
 async def matched_articles(engine: AsyncEngine, topic: str, article_ids: Sequence[str]) -> set[str]:
@@ -595,8 +600,12 @@ async def undo_label(
     return saved, _public({**row._mapping, "undone_at": now, "undone_by": actor})
 
 
+# What a label shows: everything but the vectors it learns from.
+_LABEL_PUBLIC = [c for c in labels_table.c if c.name not in ("vectors", "passages")]
+
+
 def _public(row: Mapping[str, object]) -> dict[str, object]:
-    return {k: v for k, v in row.items() if k not in ("vectors", "passages")}
+    return {c.name: row[c.name] for c in _LABEL_PUBLIC}
 
 
 @dataclass(frozen=True)
@@ -612,11 +621,10 @@ async def list_labels(
     conditions = [labels_table.c.topic == topic]
     if not include_undone:
         conditions.append(labels_table.c.undone_at.is_(None))
-    columns = [c for c in labels_table.c if c.name not in ("vectors", "passages")]
     async with engine.connect() as conn:
         total = await conn.scalar(select(func.count()).select_from(labels_table).where(*conditions))
         rows = await conn.execute(
-            select(*columns)
+            select(*_LABEL_PUBLIC)
             .where(*conditions)
             .order_by(labels_table.c.created_at.desc(), labels_table.c.id)
             .limit(limit)
@@ -625,16 +633,20 @@ async def list_labels(
         return LabelPage(total=int(total or 0), items=[dict(row._mapping) for row in rows])
 
 
-async def labels_of(engine: AsyncEngine, article_id: str) -> list[dict[str, object]]:
-    """Every label an article got, for any topic, newest first."""
-    columns = [c for c in labels_table.c if c.name not in ("vectors", "passages")]
+async def labels_of(
+    engine: AsyncEngine, article_ids: Sequence[str]
+) -> dict[str, list[dict[str, object]]]:
+    """Every label each of ``article_ids`` got, for any topic, newest first."""
+    found: dict[str, list[dict[str, object]]] = {i: [] for i in article_ids}
     async with engine.connect() as conn:
         rows = await conn.execute(
-            select(*columns)
-            .where(labels_table.c.article_id == article_id)
+            select(*_LABEL_PUBLIC)
+            .where(labels_table.c.article_id.in_(list(found)))
             .order_by(labels_table.c.created_at.desc())
         )
-        return [dict(row._mapping) for row in rows]
+        for row in rows:
+            found[row.article_id].append(dict(row._mapping))
+    return found
 
 
 async def active_labels(
