@@ -151,14 +151,38 @@ class TopicScore(BaseModel):
     evidence: Evidence
 
 
+class StoryRef(BaseModel):
+    """The story (one real-world event, across feeds and outlets) a matched article belongs to.
+
+    ``update`` is true when the article develops the story (a new fact, not a rewrite):
+    subscribers who get one alert per story are alerted again, marked as an update, with
+    ``new`` saying what is new. ``reason`` explains, like a score's evidence, why the article
+    joined this story (or started it).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    story_id: str
+    title: str = Field(description="the headline of the story's first article")
+    article_count: int = Field(ge=1, description="articles in the story, this one included")
+    first_seen: datetime
+    update: bool = False
+    new: list[str] = Field(default_factory=list, description="what this article adds")
+    reason: str = ""
+
+
 class ArticleMatched(Event):
-    """An article matched at least one topic; ``scores`` holds every enabled topic's result."""
+    """An article matched at least one topic; ``scores`` holds every enabled topic's result.
+
+    ``story`` is the story the article joined (absent from producers that group none).
+    """
 
     type: ClassVar[str] = "article.matched"
 
     article: Article
     scores: list[TopicScore]
     fetched_at: datetime
+    story: StoryRef | None = None
 
     @property
     def matches(self) -> list[TopicScore]:
