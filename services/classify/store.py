@@ -12,10 +12,12 @@ recent ones.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -41,12 +43,13 @@ from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from newsmon.classify import stories
 from newsmon.classify.learning import Label
 from newsmon.classify.model import Vectors
 from newsmon.classify.scoring import EmbeddedArticle
 from newsmon.classify.topics import Topic
 from newsmon.db import UTCDateTime, insert_ignoring_duplicates
-from newsmon.events import Article, TopicScore, utcnow
+from newsmon.events import Article, StoryRef, TopicScore, utcnow
 
 metadata = MetaData()
 
@@ -258,6 +261,36 @@ async def _write_version(
     )
     if result.rowcount != 1:
         raise TopicConflict(f"topic {topic.slug!r} changed meanwhile; read it again")
+
+
+# --- topic history: one row per version in classify_state (no table of its own) -------------
+
+
+def _history_prefix(slug: str) -> str:
+    # The state table's keys are 64 characters: a slug's digest keeps the key within them.
+    return f"history:{hashlib.sha256(slug.encode()).hexdigest()[:32]}:"
+
+
+async def record_history(engine: AsyncEngine, slug: str, version: int, entry: dict[str, Any]) -> None:
+    """Keep what produced ``slug``'s ``version``; a version already recorded keeps its entry."""
+    async with engine.begin() as conn:
+        await conn.execute(
+            insert_ignoring_duplicates(engine, state_table).values(
+                key=f"{_history_prefix(slug)}{version:010d}", value=json.dumps(entry)
+            )
+        )
+
+
+async def topic_history(engine: AsyncEngine, slug: str, limit: int) -> list[dict[str, Any]]:
+    """The latest ``limit`` recorded versions of ``slug``, newest first."""
+    async with engine.connect() as conn:
+        values = await conn.scalars(
+            select(state_table.c.value)
+            .where(state_table.c.key.startswith(_history_prefix(slug), autoescape=True))
+            .order_by(state_table.c.key.desc())
+            .limit(limit)
+        )
+        return [json.loads(v) for v in values]
 
 
 # --- matches and recent articles ----------------------------------------------------------------
@@ -700,3 +733,330 @@ async def labelled_articles(engine: AsyncEngine, topic: str) -> set[str]:
             )
         )
         return {row.article_id for row in rows}
+
+
+# --- stories ------------------------------------------------------------------------------------
+# A story is one real-world event across feeds and outlets (``stories`` decides); these tables
+# keep it across restarts. An article belongs to at most one story (its id is the primary key
+# of ``classify_story_articles``), so a redelivered article finds its story instead of joining
+# twice.
+
+stories_table = Table(
+    "classify_stories",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("title", Text, nullable=False),
+    Column("first_article_id", String(128), nullable=False),
+    # Article times (published, else fetched): the window is news time, not processing time.
+    Column("first_seen", UTCDateTime(), nullable=False),
+    Column("last_seen", UTCDateTime(), nullable=False, index=True),
+    Column("article_count", Integer, nullable=False),
+    Column("updates", Integer, nullable=False),
+    # The sum of the articles' unit vectors (float32): its direction is the story's mean.
+    Column("vector_sum", LargeBinary, nullable=False),
+    # The facts the story's articles reported, {folded key: as written}.
+    Column("facts", JSON, nullable=False),
+    Column("topics", JSON, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+story_articles_table = Table(
+    "classify_story_articles",
+    metadata,
+    Column("article_id", String(128), primary_key=True),
+    Column("story_id", String(32), nullable=False),
+    # 1 for the article that started the story; the story's article count when it joined.
+    Column("position", Integer, nullable=False),
+    Column("title", Text, nullable=False),
+    Column("link", Text, nullable=False),
+    Column("source", Text, nullable=False),
+    Column("published", UTCDateTime(), nullable=False),
+    Column("update", Boolean, nullable=False),
+    Column("new", JSON, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("similarity", Float, nullable=True),
+    Column("topics", JSON, nullable=False),
+    # The article's lead vector (float16), to name the nearest article of a story it joins.
+    Column("vector", LargeBinary, nullable=False),
+    Column("joined_at", UTCDateTime(), nullable=False),
+    Index("ix_classify_story_articles_story", "story_id", "position"),
+)
+
+story_topics_table = Table(
+    "classify_story_topics",
+    metadata,
+    Column("story_id", String(32), primary_key=True),
+    Column("topic", String(64), primary_key=True, index=True),
+)
+
+# The row whose update serialises story assignment across classify processes.
+_STORIES_LOCK = "stories.lock"
+# Stories kept after their last article (then deleted), and the most open stories compared.
+STORY_RETENTION = timedelta(days=120)
+MAX_OPEN_STORIES = 1000
+# The members of a story loaded to name its nearest article.
+_MEMBERS_PER_STORY = 50
+
+
+@dataclass(frozen=True)
+class StoryInput:
+    """A matched article to place in a story, with the topics it matched."""
+
+    candidate: stories.Candidate
+    link: str
+    topics: tuple[str, ...]
+
+
+def _story_ref(row: Mapping[str, Any], article: Mapping[str, Any]) -> StoryRef:
+    return StoryRef(
+        story_id=row["id"],
+        title=row["title"],
+        article_count=article["position"],
+        first_seen=row["first_seen"],
+        update=article["update"],
+        new=list(article["new"]),
+        reason=article["reason"],
+    )
+
+
+async def assign_stories(engine: AsyncEngine, inputs: Sequence[StoryInput]) -> dict[str, StoryRef]:
+    """Place each matched article in a story, in the order given, and keep the decisions.
+
+    One transaction, serialised across processes by updating one lock row first (PostgreSQL
+    holds the row lock, SQLite its write lock, until commit): two processes never both start a
+    story for one event. An article placed before (a redelivery, a backfill of another topic)
+    keeps its story and its decision, and only adds its topics. Stories whose last article is
+    ``STORY_RETENTION`` older than the newest here are deleted.
+    """
+    if not inputs:
+        return {}
+    now = utcnow()
+    refs: dict[str, StoryRef] = {}
+    async with engine.begin() as conn:
+        await conn.execute(
+            insert_ignoring_duplicates(engine, state_table), [{"key": _STORIES_LOCK, "value": ""}]
+        )
+        await conn.execute(
+            update(state_table)
+            .where(state_table.c.key == _STORIES_LOCK)
+            .values(value=now.isoformat())
+        )
+        ids = list(dict.fromkeys(i.candidate.article_id for i in inputs))
+        placed = {
+            row.article_id: dict(row._mapping)
+            for row in await conn.execute(
+                select(story_articles_table).where(story_articles_table.c.article_id.in_(ids))
+            )
+        }
+        fresh: list[StoryInput] = []
+        seen: set[str] = set()
+        for item in inputs:
+            if item.candidate.article_id not in placed and item.candidate.article_id not in seen:
+                fresh.append(item)
+                seen.add(item.candidate.article_id)
+        clock = max(i.candidate.at for i in inputs)
+        open_rows = [
+            dict(row._mapping)
+            for row in await conn.execute(
+                select(stories_table)
+                .where(stories_table.c.last_seen >= clock - stories.WINDOW)
+                .order_by(stories_table.c.last_seen.desc())
+                .limit(MAX_OPEN_STORIES)
+            )
+        ] if fresh else []  # fmt: skip
+        members: dict[str, list[stories.Member]] = {r["id"]: [] for r in open_rows}
+        if open_rows:
+            for row in await conn.execute(
+                select(
+                    story_articles_table.c.article_id,
+                    story_articles_table.c.story_id,
+                    story_articles_table.c.title,
+                    story_articles_table.c.source,
+                    story_articles_table.c.published,
+                    story_articles_table.c.vector,
+                )
+                .where(
+                    story_articles_table.c.story_id.in_(list(members)),
+                    story_articles_table.c.position <= _MEMBERS_PER_STORY,
+                )
+                .order_by(story_articles_table.c.story_id, story_articles_table.c.position)
+            ):
+                members[row.story_id].append(
+                    stories.Member(
+                        row.article_id,
+                        row.title,
+                        row.source,
+                        row.published,
+                        np.frombuffer(row.vector, dtype=np.float16).astype(np.float32),
+                    )
+                )
+        known = [
+            stories.Story(
+                story_id=r["id"],
+                title=r["title"],
+                first_seen=r["first_seen"],
+                last_seen=r["last_seen"],
+                article_count=r["article_count"],
+                vector_sum=np.frombuffer(r["vector_sum"], dtype=np.float32).copy(),
+                facts=dict(r["facts"]),
+                members=tuple(members[r["id"]]),
+            )
+            for r in open_rows
+        ]
+        decided, changed = stories.assign([(uuid.uuid4().hex, i.candidate) for i in fresh], known)
+        topics_of = {i.candidate.article_id: i.topics for i in inputs}
+        rows_before = {r["id"]: r for r in open_rows}
+        story_topics: dict[str, set[str]] = {r["id"]: set(r["topics"]) for r in open_rows}
+        article_rows = []
+        updates: dict[str, int] = {}
+        for (candidate, story, decision), item in zip(decided, fresh, strict=True):
+            story_topics.setdefault(story.story_id, set()).update(item.topics)
+            updates[story.story_id] = updates.get(story.story_id, 0) + decision.update
+            article_rows.append(
+                {
+                    "article_id": candidate.article_id,
+                    "story_id": story.story_id,
+                    "position": story.article_count,
+                    "title": candidate.title,
+                    "link": item.link,
+                    "source": candidate.source,
+                    "published": candidate.at,
+                    "update": decision.update,
+                    "new": list(decision.new),
+                    "reason": decision.reason,
+                    "similarity": (
+                        None if decision.similarity is None else round(decision.similarity, 4)
+                    ),
+                    "topics": list(item.topics),
+                    "vector": candidate.vector.astype(np.float16).tobytes(),
+                    "joined_at": now,
+                }
+            )
+        for story in changed:
+            values = {
+                "first_seen": story.first_seen,
+                "last_seen": story.last_seen,
+                "article_count": story.article_count,
+                "vector_sum": story.vector_sum.astype(np.float32).tobytes(),
+                "facts": story.facts,
+                "topics": sorted(story_topics[story.story_id]),
+            }
+            before = rows_before.get(story.story_id)
+            if before is None:
+                await conn.execute(
+                    insert(stories_table).values(
+                        id=story.story_id,
+                        title=story.title,
+                        first_article_id=story.members[0].article_id,
+                        updates=updates.get(story.story_id, 0),
+                        created_at=now,
+                        **values,
+                    )
+                )
+            else:
+                await conn.execute(
+                    update(stories_table)
+                    .where(stories_table.c.id == story.story_id)
+                    .values(updates=before["updates"] + updates.get(story.story_id, 0), **values)
+                )
+        if article_rows:
+            await conn.execute(insert(story_articles_table), article_rows)
+        # Articles placed before: their topics join the story's (a backfill of another topic).
+        for article_id, row in placed.items():
+            extra = sorted(set(topics_of[article_id]) - set(row["topics"]))
+            if extra:
+                await conn.execute(
+                    update(story_articles_table)
+                    .where(story_articles_table.c.article_id == article_id)
+                    .values(topics=sorted({*row["topics"], *extra}))
+                )
+                story_row = (
+                    await conn.execute(
+                        select(stories_table.c.topics).where(stories_table.c.id == row["story_id"])
+                    )
+                ).first()
+                if story_row is not None:
+                    await conn.execute(
+                        update(stories_table)
+                        .where(stories_table.c.id == row["story_id"])
+                        .values(topics=sorted({*story_row.topics, *extra}))
+                    )
+        pairs = [
+            {"story_id": r["story_id"], "topic": t}
+            for r in [*article_rows, *placed.values()]
+            for t in topics_of[r["article_id"]]
+        ]
+        if pairs:
+            await conn.execute(insert_ignoring_duplicates(engine, story_topics_table), pairs)
+        wanted = {r["story_id"] for r in [*article_rows, *placed.values()]}
+        story_rows = {
+            row.id: dict(row._mapping)
+            for row in await conn.execute(
+                select(stories_table.c.id, stories_table.c.title, stories_table.c.first_seen)
+                .where(stories_table.c.id.in_(list(wanted)))
+            )
+        }  # fmt: skip
+        for r in [*article_rows, *placed.values()]:
+            refs[r["article_id"]] = _story_ref(story_rows[r["story_id"]], r)
+        await _expire_stories(conn, clock - STORY_RETENTION)
+    return refs
+
+
+async def _expire_stories(conn: AsyncConnection, before: datetime) -> None:
+    old = select(stories_table.c.id).where(stories_table.c.last_seen < before)
+    await conn.execute(delete(story_topics_table).where(story_topics_table.c.story_id.in_(old)))
+    await conn.execute(delete(story_articles_table).where(story_articles_table.c.story_id.in_(old)))
+    await conn.execute(delete(stories_table).where(stories_table.c.last_seen < before))
+
+
+_STORY_PUBLIC = [c for c in stories_table.c if c.name not in ("vector_sum", "facts")]
+_STORY_ARTICLE_PUBLIC = [c for c in story_articles_table.c if c.name != "vector"]
+
+
+@dataclass(frozen=True)
+class StoryPage:
+    total: int
+    items: list[dict[str, object]]
+
+
+async def list_stories(
+    engine: AsyncEngine, *, topic: str | None, limit: int, offset: int
+) -> StoryPage:
+    """Stories, newest activity first; ``topic``: those with an article matching it."""
+    conditions = []
+    if topic is not None:
+        conditions.append(
+            stories_table.c.id.in_(
+                select(story_topics_table.c.story_id).where(story_topics_table.c.topic == topic)
+            )
+        )
+    async with engine.connect() as conn:
+        total = await conn.scalar(
+            select(func.count()).select_from(stories_table).where(*conditions)
+        )
+        rows = await conn.execute(
+            select(*_STORY_PUBLIC)
+            .where(*conditions)
+            .order_by(stories_table.c.last_seen.desc(), stories_table.c.id)
+            .limit(limit)
+            .offset(offset)
+        )
+        return StoryPage(total=int(total or 0), items=[dict(row._mapping) for row in rows])
+
+
+async def get_story(
+    engine: AsyncEngine, story_id: str
+) -> tuple[dict[str, object], list[dict[str, object]]] | None:
+    """A story and its articles in the order they joined; None if there is no such story."""
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(select(*_STORY_PUBLIC).where(stories_table.c.id == story_id))
+        ).first()
+        if row is None:
+            return None
+        articles = await conn.execute(
+            select(*_STORY_ARTICLE_PUBLIC)
+            .where(story_articles_table.c.story_id == story_id)
+            .order_by(story_articles_table.c.position)
+        )
+        return dict(row._mapping), [dict(a._mapping) for a in articles]

@@ -1,0 +1,370 @@
+"""Stories: which matching articles report the same real-world event, and which of them move
+it on. Plain functions over vectors, text and time; the store keeps the stories.
+
+An article is represented by the normalised mean of its first passages (the title, the title
+with its lede, the first body passage): what a report is *about* is said up front, and later
+paragraphs drift into background every report on the topic shares. A story is the running mean
+of its articles' vectors, its known facts, and its last activity.
+
+**Same event.** An article joins the open story it resembles most, if
+
+- its cosine to the story is at least ``SAME_REPORT`` (0.80) and the story's last article is
+  at most ``NEWS_CYCLE`` (3 days) old: another outlet's version of the same report; or
+- its cosine is at least ``RELATED`` (0.60), the story was active within ``WINDOW`` (30 days),
+  and the two share at least one *distinctive* fact: a name, figure or place that fewer than
+  ``DISTINCTIVE_SHARE`` of the open stories mention (so "Mexico" or "Sinaloa", which every
+  story on the topics mentions, does not tie two stories; "Ovidio" or "Culiacán" does). Beyond
+  the news cycle two distinctive facts are needed.
+
+Two articles of one topic are alike anyway (both match it), so cosine alone ties only near
+rewrites; a later stage of the same case (charged, then extradited) reads differently and is
+tied by its names. The window slides: every article that joins keeps the story open for
+another ``WINDOW``, so a case covered all along stays one story, and one that goes quiet for a
+month starts a new story when it returns (a new wave alerts either way, as a new story rather
+than an update). A false merge costs the subscriber an alert, a false split costs one extra:
+the thresholds lean to splitting.
+
+**Development.** An article that joins is an update when it carries a fact the story has not
+seen: a new stage (arrested, charged, extradited, sentenced...), a new figure, or two new
+names. Another outlet's rewrite of the same facts brings at most one incidental name.
+
+Every decision says why in ``reason``, in words an operator can check.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+
+import numpy as np
+
+from newsmon.classify.model import Vectors
+
+SAME_REPORT = 0.80
+RELATED = 0.60
+NEWS_CYCLE = timedelta(days=3)
+WINDOW = timedelta(days=30)
+DISTINCTIVE_SHARE = 0.10
+# How many passages from the top make the article's vector (title, title+lede, lede...).
+LEAD_PASSAGES = 3
+# Facts a story remembers (a long-running story keeps its first and most frequent ones).
+MAX_FACTS = 400
+# How many new facts an update names.
+MAX_NEW = 8
+
+# Capitalised words that are not names: sentence openers, days, months, newsroom words.
+_NOT_NAMES_TEXT = """
+    a an the and or but if of in on at to for from by with as after before when while
+    during since until about over under into than then this that these those there here he she
+    it its they them their his her we our you your i my who what where why how which new more
+    most some many all any no not one two three four five six seven eight nine ten first last
+    mr mrs ms dr sen rep gov president says said say read watch video photos photo live update
+    updates breaking exclusive opinion analysis report reports news digital reuters ap afp cnn
+    associated press fox nbc cbs abc bbc npr monday tuesday wednesday thursday friday saturday
+    sunday january february march april may june july august september october november
+    december today yesterday tomorrow week year us u.s u.s. also just"""
+_NOT_NAMES = frozenset(_NOT_NAMES_TEXT.split())
+# The stages of a case or an operation: a new one is a development (the guideline's examples:
+# charged, extradited, sentenced, released). Matched on word stems.
+STAGES = {
+    "arrest": "arrested",
+    "captur": "captured",
+    "detain": "detained",
+    "charg": "charged",
+    "indict": "indicted",
+    "extradit": "extradited",
+    "deport": "deported",
+    "sentenc": "sentenced",
+    "convict": "convicted",
+    "guilty": "pleaded guilty",
+    "acquit": "acquitted",
+    "releas": "released",
+    "escap": "escaped",
+    "kill": "killed",
+    "dead": "dead",
+    "died": "died",
+    "seiz": "seized",
+    "raid": "raided",
+    "surrender": "surrendered",
+    "trial": "trial",
+    "verdict": "verdict",
+    "testif": "testified",
+    "agree": "agreed",
+    "sign": "signed",
+    "announc": "announced",
+    "sanction": "sanctioned",
+    "ruling": "ruled",
+    "ruled": "ruled",
+    "approv": "approved",
+}
+_WORD = re.compile(r"[^\W\d_][\w'’.-]*", re.UNICODE)
+_NUMBER = re.compile(
+    r"(?<![\w.])(\$|€|£)?(\d[\d,]*(?:\.\d+)?)\s*"
+    r"(million|billion|thousand|percent|%|kilos?|kilograms?|kg|pounds|tons|pills|doses|years?)?",
+    re.IGNORECASE,
+)
+_SENTENCE_START = re.compile(r"(?:^|[.!?:;\"“”]\s+|\n)\s*$")
+
+
+def fold(word: str) -> str:
+    """A word's comparison key: case and accents folded (Guzmán = Guzman = GUZMAN)."""
+    decomposed = unicodedata.normalize("NFKD", word.casefold())
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).strip(".'’-")
+
+
+def _title_case(text: str) -> bool:
+    """A headline in Title Case capitalises every word: its capitals say nothing about names."""
+    words = [w for w in _WORD.findall(text) if len(w) >= 4]
+    # A sentence-case headline keeps its verbs in lower case.
+    return len(words) >= 4 and sum(w[0].isupper() for w in words) / len(words) >= 0.85
+
+
+def extract_facts(title: str, text: str) -> dict[str, str]:
+    """The checkable facts of an article: names (capitalised words that are not sentence
+    openers or newsroom words), figures (numbers with their unit; not years or small counts)
+    and stages (arrested, extradited...). ``{key: how it was written}``; keys are folded,
+    figures start with ``#``, stages with ``~``."""
+    facts: dict[str, str] = {}
+    for segment in (title, text):
+        if not segment:
+            continue
+        words = [
+            (m.group().strip(".'’-"), _SENTENCE_START.search(segment[: m.start()]) is not None)
+            for m in _WORD.finditer(segment)
+        ]
+        # A sentence opener is a name only if it is capitalised mid-sentence somewhere too.
+        mid = {fold(w) for w, opener in words if not opener and w[:1].isupper()}
+        names = not _title_case(segment)
+        for word, opener in words:
+            key = fold(word)
+            for stem, stage in STAGES.items():
+                if key.startswith(stem):
+                    facts.setdefault(f"~{stage}", stage)
+            if not names or not word[:1].isupper() or len(key) < 3 or key in _NOT_NAMES:
+                continue
+            if opener and key not in mid:
+                continue
+            facts.setdefault(key, word)
+        for match in _NUMBER.finditer(segment):
+            currency, digits, unit = match.groups()
+            value = digits.replace(",", "")
+            try:
+                number = float(value)
+            except ValueError:
+                continue
+            if not currency and not unit and (number < 11 or 1900 <= number <= 2100):
+                continue
+            unit_key = fold(unit or "").rstrip("s")
+            shown = f"{currency or ''}{digits}{' ' + unit if unit else ''}"
+            facts.setdefault(f"#{currency or ''}{value}{unit_key}", shown)
+    return facts
+
+
+def lead_vector(vectors: Vectors) -> Vectors:
+    """The article's vector: the normalised mean of its first ``LEAD_PASSAGES`` passages."""
+    lead = np.asarray(vectors[:LEAD_PASSAGES], dtype=np.float32).mean(axis=0)
+    norm = float(np.linalg.norm(lead))
+    return lead / norm if norm > 0 else lead
+
+
+@dataclass(frozen=True)
+class Member:
+    """One article of a story, as much as a decision needs to name it."""
+
+    article_id: str
+    title: str
+    source: str
+    at: datetime
+    vector: Vectors
+
+
+@dataclass(frozen=True)
+class Story:
+    story_id: str
+    title: str
+    first_seen: datetime
+    last_seen: datetime
+    article_count: int
+    vector_sum: Vectors
+    facts: dict[str, str] = field(default_factory=dict)
+    members: tuple[Member, ...] = ()
+
+    def similarity(self, vector: Vectors) -> float:
+        norm = float(np.linalg.norm(self.vector_sum))
+        return float(self.vector_sum @ vector) / norm if norm > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A matched article waiting for its story."""
+
+    article_id: str
+    title: str
+    source: str
+    at: datetime
+    vector: Vectors
+    facts: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Where an article goes: ``story`` None starts a new story."""
+
+    story: Story | None
+    similarity: float | None
+    shared: tuple[str, ...]
+    update: bool
+    new: tuple[str, ...]
+    reason: str
+
+
+def distinctive(stories: Sequence[Story]) -> set[str]:
+    """The facts that fewer than ``DISTINCTIVE_SHARE`` of the open stories know (at least one
+    other story may share any fact): these tie two reports to one event."""
+    counts: Counter[str] = Counter()
+    for story in stories:
+        counts.update(story.facts)
+    limit = max(2.0, DISTINCTIVE_SHARE * len(stories))
+    return {fact for fact, n in counts.items() if n < limit}
+
+
+def _day(at: datetime) -> str:
+    return at.strftime("%Y-%m-%d")
+
+
+def _gap(seconds: float) -> str:
+    hours = abs(seconds) / 3600
+    return f"{hours:.0f} h" if hours < 48 else f"{hours / 24:.0f} days"
+
+
+def decide(candidate: Candidate, stories: Sequence[Story]) -> Decision:
+    """The open story ``candidate`` reports on, or a new one; see the module's docstring."""
+    open_ = [s for s in stories if abs(candidate.at - s.last_seen) <= WINDOW]
+    rare = distinctive(open_)
+    best: tuple[float, Story, float, tuple[str, ...]] | None = None
+    nearest: tuple[float, Story] | None = None
+    for story in open_:
+        sim = story.similarity(candidate.vector)
+        if nearest is None or sim > nearest[0]:
+            nearest = (sim, story)
+        shared = tuple(
+            sorted(
+                (story.facts.get(k, v) for k, v in candidate.facts.items()
+                 if k in story.facts and k in rare and not k.startswith("~")),
+                key=str.casefold,
+            )
+        )  # fmt: skip
+        recent = abs(candidate.at - story.last_seen) <= NEWS_CYCLE
+        joins = (recent and sim >= SAME_REPORT) or (
+            sim >= RELATED and len(shared) >= (1 if recent else 2)
+        )
+        if joins:
+            rank = sim + 0.05 * len(shared)
+            if best is None or rank > best[0]:
+                best = (rank, story, sim, shared)
+    if best is None:
+        if nearest is None:
+            reason = f"new story: no open story within {WINDOW.days} days"
+        else:
+            sim, story = nearest
+            reason = (
+                f"new story: nearest open story {story.title!r} at cosine {sim:.2f} (joining"
+                f" needs {SAME_REPORT:.2f} within {NEWS_CYCLE.days} days, or {RELATED:.2f} with a"
+                " distinctive shared name or figure)"
+            )
+        return Decision(None, None, (), False, (), reason)
+    _, story, sim, shared = best
+    member = _nearest_member(story, candidate.vector)
+    new = tuple(v for k, v in candidate.facts.items() if k not in story.facts)
+    stages = [v for k, v in candidate.facts.items() if k.startswith("~") and k not in story.facts]
+    figures = [v for k, v in candidate.facts.items() if k.startswith("#") and k not in story.facts]
+    names = [v for k, v in candidate.facts.items() if k[0] not in "~#" and k not in story.facts]
+    update = bool(stages or figures or len(names) >= 2)
+    where = (
+        f"{member.title!r} ({member.source}, {_day(member.at)})"
+        if member is not None
+        else repr(story.title)
+    )
+    parts = [f"cosine {sim:.2f} to story {story.title!r}"]
+    if member is not None and member.article_id != story.members[0].article_id:
+        parts[0] += f", nearest article {where}"
+    elif member is not None:
+        parts[0] = f"cosine {sim:.2f} to {where}"
+    if shared:
+        parts.append("shared: " + ", ".join(shared[:6]))
+    parts.append(f"{_gap((candidate.at - story.last_seen).total_seconds())} after its last article")
+    if update:
+        what = [f"stage {s}" for s in stages] + figures + names
+        parts.append("update: new " + ", ".join(what[:MAX_NEW]))
+    else:
+        parts.append("same facts" + (f" (new only: {', '.join(new)})" if new else ""))
+    shown = tuple(([*stages, *figures, *names])[:MAX_NEW]) if update else ()
+    return Decision(story, sim, shared, update, shown, "; ".join(parts))
+
+
+def _nearest_member(story: Story, vector: Vectors) -> Member | None:
+    if not story.members:
+        return None
+    return max(story.members, key=lambda m: float(m.vector @ vector))
+
+
+def start(story_id: str, candidate: Candidate) -> Story:
+    """A new story of one article."""
+    return Story(
+        story_id=story_id,
+        title=candidate.title,
+        first_seen=candidate.at,
+        last_seen=candidate.at,
+        article_count=1,
+        vector_sum=candidate.vector.astype(np.float32),
+        facts=dict(list(candidate.facts.items())[:MAX_FACTS]),
+        members=(_member(candidate),),
+    )
+
+
+def join(story: Story, candidate: Candidate) -> Story:
+    """``story`` with ``candidate`` added: its facts known, its vector in the mean."""
+    facts = dict(story.facts)
+    for key, shown in candidate.facts.items():
+        if len(facts) >= MAX_FACTS:
+            break
+        facts.setdefault(key, shown)
+    return replace(
+        story,
+        first_seen=min(story.first_seen, candidate.at),
+        last_seen=max(story.last_seen, candidate.at),
+        article_count=story.article_count + 1,
+        vector_sum=(story.vector_sum + candidate.vector).astype(np.float32),
+        facts=facts,
+        members=(*story.members, _member(candidate)),
+    )
+
+
+def _member(candidate: Candidate) -> Member:
+    return Member(
+        candidate.article_id, candidate.title, candidate.source, candidate.at, candidate.vector
+    )
+
+
+def assign(
+    candidates: Iterable[tuple[str, Candidate]], stories: Sequence[Story]
+) -> tuple[list[tuple[Candidate, Story, Decision]], list[Story]]:
+    """Decide ``(new story id, candidate)`` pairs in order, each seeing the stories the ones
+    before it made or grew. Returns each candidate's story after it joined (or started) with
+    the decision, and every story changed."""
+    current = {s.story_id: s for s in stories}
+    changed: dict[str, Story] = {}
+    decided: list[tuple[Candidate, Story, Decision]] = []
+    for new_id, candidate in candidates:
+        decision = decide(candidate, list(current.values()))
+        if decision.story is None:
+            story = start(new_id, candidate)
+        else:
+            story = join(current[decision.story.story_id], candidate)
+        current[story.story_id] = changed[story.story_id] = story
+        decided.append((candidate, story, decision))
+    return decided, list(changed.values())
