@@ -227,6 +227,17 @@ def test_require_also_wants_a_term_of_each_group_as_well() -> None:
     assert check_keywords(topic, "Police captured a smuggler")[1] is not None  # no cartel word
 
 
+def test_ignored_phrases_are_no_mention_of_a_term() -> None:
+    topic = TOPIC.model_copy(update={"require_any": ("Mexic*",), "ignore_phrases": ("New Mexico",)})
+    required, rejection = check_keywords(topic, "Biden campaigns in New Mexico")
+    assert required is None and rejection is not None
+    # The country is still a mention beside the state, and the original spelling is reported.
+    assert check_keywords(topic, "From New Mexico to Mexico City") == ("Mexico", None)
+    assert check_keywords(topic, "Mexican officials met")[1] is None
+    vetoed = _score("Biden campaigns in New Mexico", topic=topic)
+    assert not vetoed.matched and vetoed.evidence.rejected_by is not None
+
+
 def test_control_characters_are_removed_before_scoring() -> None:
     passages = split_passages("Tit\x00le", "Body\x07 text\ud800.")
     assert passages[0] == "Tit le"

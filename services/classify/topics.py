@@ -4,7 +4,9 @@ A topic is described in words and by examples on both sides; it may also carry k
 constraints (``require_any``: a match must mention one of these terms; ``require_also``: groups
 of terms of which a match must mention one each, on top: "an arrest word" and "a cartel word";
 ``exclude_any``: a match must mention none of them). Terms are case-insensitive words or phrases
-matched on word boundaries; a trailing ``*`` matches any ending (``extradit*``).
+matched on word boundaries; a trailing ``*`` matches any ending (``extradit*``). The constraints
+read the text with ``ignore_phrases`` blanked out: phrases that contain a term but are no mention
+of it ("New Mexico" for a topic about the country Mexico, "digital fentanyl").
 """
 
 from __future__ import annotations
@@ -84,6 +86,9 @@ class TopicDefinition(BaseModel):
         (), description="groups of terms: a match mentions one term of each, as well"
     )
     exclude_any: Terms = ()
+    ignore_phrases: Terms = Field(
+        (), description="phrases the keyword constraints do not read: 'New Mexico' is no 'Mexic*'"
+    )
     enabled: bool = True
     status: Literal["draft", "live"] = Field(
         "live", description="a draft is scored only in previews until it is published"
@@ -115,6 +120,7 @@ class TopicUpdate(BaseModel):
     require_any: Terms | None = None
     require_also: Annotated[tuple[Terms, ...], Field(max_length=MAX_GROUPS)] | None = None
     exclude_any: Terms | None = None
+    ignore_phrases: Terms | None = None
     enabled: bool | None = None
 
     def apply(self, topic: Topic) -> Topic:
@@ -145,6 +151,8 @@ def check_keywords(topic: TopicDefinition, text: str) -> tuple[str | None, str |
     Returns ``(required_hit, rejection)``: the word that satisfied ``require_any`` (None when
     the topic requires nothing), and why the constraints veto a match (None when they do not).
     """
+    if topic.ignore_phrases:
+        text = _term_pattern(topic.ignore_phrases).sub(" ", text)
     required_hit = find_term(topic.require_any, text)
     if topic.require_any and required_hit is None:
         return None, "mentions none of the required terms: " + ", ".join(topic.require_any)
