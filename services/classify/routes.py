@@ -1,5 +1,5 @@
 """The classify service's HTTP routes: ``/topics`` (with their labels, review queue, previews,
-publishing and backfills), ``/articles``, ``/score`` and ``/matches``.
+publishing and backfills), ``/articles``, ``/score``, ``/matches`` and ``/stories``.
 
 Routes translate HTTP to calls on the service and its errors back to HTTP. Validation failures
 answer 422 with field-level messages in FastAPI's own shape (``{"detail": [{"loc": [...],
@@ -12,7 +12,7 @@ from collections.abc import Awaitable
 from datetime import datetime
 from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response, status
 from pydantic import Field, ValidationError
 
 from newsmon.api import READ_ONLY, unprocessable, unprocessable_model
@@ -28,11 +28,14 @@ from newsmon.classify.schemas import (
     Review,
     ScoreRequest,
     ScoreResponse,
+    StoryPage,
+    StoryView,
 )
 from newsmon.classify.service import (
     ArticleNotFound,
     ClassifyService,
     LabelNotFound,
+    StoryNotFound,
     TopicNotFound,
     TopicNotLive,
 )
@@ -232,5 +235,24 @@ def build_router(service: ClassifyService) -> APIRouter:
         return await service.matches(
             topic=topic, since=since, until=until, limit=limit, offset=offset
         )
+
+    @router.get("/stories")
+    async def list_stories(
+        topic: Annotated[str | None, Query(max_length=64)] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    ) -> StoryPage:
+        """Stories (matching articles about one event, across feeds and outlets), newest
+        activity first; ``topic``: only those with an article that matched it."""
+        return await service.stories(topic=topic, limit=limit, offset=offset)
+
+    @router.get("/stories/{story_id}")
+    async def get_story(story_id: Annotated[str, Path(max_length=64)]) -> StoryView:
+        """A story and its articles in the order they joined: which were updates, what each
+        added, and why each joined."""
+        try:
+            return await service.story(story_id)
+        except StoryNotFound as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
 
     return router

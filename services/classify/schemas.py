@@ -165,3 +165,45 @@ class Backfill(BaseModel):
     matched: int = Field(description="of them, matching the topic now")
     created: int = Field(description="matches created now (the others had one already)")
     article_ids: list[str] = Field(description="the articles that got a new match")
+
+
+class StorySummary(BaseModel):
+    """A story: matching articles about one real-world event, across feeds and outlets."""
+
+    story_id: str
+    title: str = Field(description="the headline of its first article")
+    first_article_id: str
+    first_seen: datetime = Field(description="when its first article was published")
+    last_seen: datetime = Field(description="when its latest article was published")
+    article_count: int
+    updates: int = Field(description="articles that developed it (a new fact, not a rewrite)")
+    topics: list[str] = Field(description="the topics its articles matched")
+    created_at: datetime
+
+
+class StoryPage(BaseModel):
+    total: int
+    limit: int
+    offset: int
+    items: list[StorySummary] = Field(description="newest activity first")
+
+
+class StoryArticle(BaseModel):
+    """An article of a story: where it joined, whether it was an update and why."""
+
+    article_id: str
+    position: int = Field(description="1 for the article that started the story")
+    title: str
+    link: str
+    source: str = Field(description="the feed it came from")
+    published: datetime
+    update: bool
+    new: list[str] = Field(description="what it added, when it was an update")
+    reason: str = Field(description="why it joined the story (or started it)")
+    similarity: float | None = Field(description="its cosine to the story when it joined")
+    topics: list[str]
+    joined_at: datetime
+
+
+class StoryView(StorySummary):
+    articles: list[StoryArticle] = Field(description="in the order they joined")

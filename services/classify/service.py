@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from newsmon import metrics
 from newsmon.bus import Bus, Consumer, Message
-from newsmon.classify import store
+from newsmon.classify import store, stories
 from newsmon.classify.learning import logit
 from newsmon.classify.model import Embedder, SentenceTransformerEmbedder
 from newsmon.classify.schemas import (
@@ -42,6 +42,9 @@ from newsmon.classify.schemas import (
     ReviewItem,
     ScoreRequest,
     ScoreResponse,
+    StoryPage,
+    StorySummary,
+    StoryView,
 )
 from newsmon.classify.scoring import (
     MAX_TEXT_CHARS,
@@ -65,8 +68,10 @@ from newsmon.events import (
     ArticleFetched,
     ArticleMatched,
     EventError,
+    StoryRef,
     TopicChanged,
     TopicScore,
+    as_utc,
     utcnow,
 )
 from newsmon.logs import log_context
@@ -103,6 +108,32 @@ class LabelNotFound(LookupError):
 
 class TopicNotLive(ValueError):
     """The topic is a draft or disabled, and cannot do what was asked of a live one."""
+
+
+class StoryNotFound(LookupError):
+    """No story has this id (or it expired)."""
+
+
+def story_input(
+    article: Article, embedded: EmbeddedArticle, topics: Sequence[str], fetched_at: datetime | None
+) -> store.StoryInput:
+    """What the story decision reads of a matched article: its lead vector, its facts, and its
+    time (published, but never after it was fetched: a feed's future dates are typos)."""
+    fetched = as_utc(fetched_at) if fetched_at is not None else utcnow()
+    at = min(as_utc(article.published), fetched) if article.published is not None else fetched
+    body = embedded.text.split("\n", 1)[1] if "\n" in embedded.text else ""
+    return store.StoryInput(
+        candidate=stories.Candidate(
+            article_id=article.article_id,
+            title=article.title or embedded.passages[0],
+            source=article.feed_title or article.feed_url,
+            at=at,
+            vector=stories.lead_vector(embedded.vectors),
+            facts=stories.extract_facts(article.title, body),
+        ),
+        link=article.link,
+        topics=tuple(topics),
+    )
 
 
 def review_order(items: Sequence[ReviewItem], threshold: float) -> list[ReviewItem]:
@@ -552,12 +583,20 @@ class ClassifyService:
             self.engine, slug, [r.article_id for r, _, _ in matching]
         )
         fresh = [(r, s) for r, article, s in matching if r.article_id not in known]
+        refs = await self.assign_stories(
+            [
+                story_input(article, r.embedded, [slug], r.fetched_at or r.classified_at)
+                for r, article, _ in matching
+                if r.article_id not in known
+            ]
+        )
         events = [
             ArticleMatched(
                 event_id=uuid.uuid5(_BACKFILL, f"{slug}\n{r.article_id}").hex,
                 article=article,
                 scores=[s],
                 fetched_at=r.fetched_at or r.classified_at,
+                story=refs.get(r.article_id),
             )
             for r, article, s in matching
             if r.article_id not in known
@@ -598,6 +637,35 @@ class ClassifyService:
             created=len(events),
             article_ids=[e.article.article_id for e in events],
         )
+
+    # stories: matching articles about one event ---------------------------------------------
+
+    async def assign_stories(self, inputs: Sequence[store.StoryInput]) -> dict[str, StoryRef]:
+        """Place matched articles in stories, oldest first (``stories.decide`` says how)."""
+        ordered = sorted(inputs, key=lambda i: i.candidate.at)
+        refs = await store.assign_stories(self.engine, ordered)
+        for article_id, ref in refs.items():
+            log.info("article %s: story %s (%d): %s", article_id, ref.story_id, ref.article_count,
+                     ref.reason)  # fmt: skip
+        return refs
+
+    async def stories(self, *, topic: str | None, limit: int, offset: int) -> StoryPage:
+        """Stories, newest activity first; ``topic``: those with an article matching it."""
+        page = await store.list_stories(self.engine, topic=topic, limit=limit, offset=offset)
+        return StoryPage(
+            total=page.total,
+            limit=limit,
+            offset=offset,
+            items=[StorySummary.model_validate(item) for item in page.items],
+        )
+
+    async def story(self, story_id: str) -> StoryView:
+        """A story with its articles in the order they joined, each with why."""
+        found = await store.get_story(self.engine, story_id)
+        if found is None:
+            raise StoryNotFound(f"no story {story_id!r} (stories expire after their last article)")
+        row, articles = found
+        return StoryView.model_validate({**row, "articles": articles})
 
     async def topic_changed(self, topic: Topic, change: str) -> None:
         """Reload here, then tell every other classify process."""
@@ -691,7 +759,7 @@ class ClassifyService:
         results = await asyncio.to_thread(self._embed, [event for _, event in events])
         lap("embedding")
         classified: list[store.Classified] = []
-        matches: list[ArticleMatched] = []
+        matching: list[tuple[ArticleFetched, EmbeddedArticle, list[TopicScore]]] = []
         for (message, event), result in zip(events, results, strict=True):
             # Every line logged about this article carries its id.
             with log_context(article_id=event.article.article_id):
@@ -710,18 +778,33 @@ class ClassifyService:
                     continue
                 matched_id = None
                 if any(s.matched for s in scores):
-                    matched = ArticleMatched(
-                        event_id=uuid.uuid5(_DERIVED, event.event_id).hex,
-                        article=event.article,
-                        scores=scores,
-                        fetched_at=event.fetched_at,
-                    )
-                    matches.append(matched)
-                    matched_id = matched.event_id
+                    matching.append((event, result, scores))
+                    matched_id = uuid.uuid5(_DERIVED, event.event_id).hex
                 classified.append(
                     store.Classified(event.article, result, matched_id, scores, event.fetched_at)
                 )
         lap("scoring")
+        # Stories before publishing: every match carries its story. A redelivered article finds
+        # the story it was placed in, so its event is the same as the first time.
+        refs = await self.assign_stories(
+            [
+                story_input(
+                    e.article, embedded, [s.topic for s in scores if s.matched], e.fetched_at
+                )
+                for e, embedded, scores in matching
+            ]
+        )
+        matches = [
+            ArticleMatched(
+                event_id=uuid.uuid5(_DERIVED, event.event_id).hex,
+                article=event.article,
+                scores=scores,
+                fetched_at=event.fetched_at,
+                story=refs.get(event.article.article_id),
+            )
+            for event, _, scores in matching
+        ]
+        lap("stories")
         # Published together: one round trip per batch to the broker, not one per article.
         await asyncio.gather(*(self._publish_match(m) for m in matches))
         lap("publishing")

@@ -271,7 +271,9 @@ def _history_prefix(slug: str) -> str:
     return f"history:{hashlib.sha256(slug.encode()).hexdigest()[:32]}:"
 
 
-async def record_history(engine: AsyncEngine, slug: str, version: int, entry: dict[str, Any]) -> None:
+async def record_history(
+    engine: AsyncEngine, slug: str, version: int, entry: dict[str, Any]
+) -> None:
     """Keep what produced ``slug``'s ``version``; a version already recorded keeps its entry."""
     async with engine.begin() as conn:
         await conn.execute(
@@ -962,23 +964,25 @@ async def assign_stories(engine: AsyncEngine, inputs: Sequence[StoryInput]) -> d
         if article_rows:
             await conn.execute(insert(story_articles_table), article_rows)
         # Articles placed before: their topics join the story's (a backfill of another topic).
-        for article_id, row in placed.items():
-            extra = sorted(set(topics_of[article_id]) - set(row["topics"]))
+        for article_id, prior in placed.items():
+            extra = sorted(set(topics_of[article_id]) - set(prior["topics"]))
             if extra:
                 await conn.execute(
                     update(story_articles_table)
                     .where(story_articles_table.c.article_id == article_id)
-                    .values(topics=sorted({*row["topics"], *extra}))
+                    .values(topics=sorted({*prior["topics"], *extra}))
                 )
                 story_row = (
                     await conn.execute(
-                        select(stories_table.c.topics).where(stories_table.c.id == row["story_id"])
+                        select(stories_table.c.topics).where(
+                            stories_table.c.id == prior["story_id"]
+                        )
                     )
                 ).first()
                 if story_row is not None:
                     await conn.execute(
                         update(stories_table)
-                        .where(stories_table.c.id == row["story_id"])
+                        .where(stories_table.c.id == prior["story_id"])
                         .values(topics=sorted({*story_row.topics, *extra}))
                     )
         pairs = [

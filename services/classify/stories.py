@@ -25,8 +25,8 @@ than an update). A false merge costs the subscriber an alert, a false split cost
 the thresholds lean to splitting.
 
 **Development.** An article that joins is an update when it carries a fact the story has not
-seen: a new stage (arrested, charged, extradited, sentenced...), a new figure, or two new
-names. Another outlet's rewrite of the same facts brings at most one incidental name.
+seen: a new stage (arrested, charged, extradited, sentenced...), a new figure, or three new
+names. Another outlet's rewrite of the same facts brings one or two incidental names.
 
 Every decision says why in ``reason``, in words an operator can check.
 """
@@ -49,6 +49,9 @@ RELATED = 0.60
 NEWS_CYCLE = timedelta(days=3)
 WINDOW = timedelta(days=30)
 DISTINCTIVE_SHARE = 0.10
+# New names that make an update on their own (another outlet's rewrite brings one or two:
+# the place, the ministry it quotes).
+NEW_NAMES = 3
 # How many passages from the top make the article's vector (title, title+lede, lede...).
 LEAD_PASSAGES = 3
 # Facts a story remembers (a long-running story keeps its first and most frequent ones).
@@ -69,37 +72,39 @@ _NOT_NAMES_TEXT = """
     december today yesterday tomorrow week year us u.s u.s. also just"""
 _NOT_NAMES = frozenset(_NOT_NAMES_TEXT.split())
 # The stages of a case or an operation: a new one is a development (the guideline's examples:
-# charged, extradited, sentenced, released). Matched on word stems.
+# charged, extradited, sentenced, released). Matched on word stems; synonyms share a stage, so
+# one outlet's "captured" and another's "arrested" are the same fact.
 STAGES = {
     "arrest": "arrested",
-    "captur": "captured",
-    "detain": "detained",
+    "captur": "arrested",
+    "detain": "arrested",
+    "apprehend": "arrested",
     "charg": "charged",
-    "indict": "indicted",
+    "indict": "charged",
     "extradit": "extradited",
     "deport": "deported",
     "sentenc": "sentenced",
     "convict": "convicted",
-    "guilty": "pleaded guilty",
+    "guilty": "convicted",
     "acquit": "acquitted",
     "releas": "released",
+    "freed": "released",
     "escap": "escaped",
     "kill": "killed",
-    "dead": "dead",
-    "died": "died",
+    "dead": "killed",
+    "died": "killed",
     "seiz": "seized",
+    "confiscat": "seized",
     "raid": "raided",
     "surrender": "surrendered",
-    "trial": "trial",
+    "trial": "on trial",
     "verdict": "verdict",
-    "testif": "testified",
-    "agree": "agreed",
-    "sign": "signed",
-    "announc": "announced",
     "sanction": "sanctioned",
     "ruling": "ruled",
     "ruled": "ruled",
-    "approv": "approved",
+    "agreement": "agreed",
+    "agreed": "agreed",
+    "signed": "signed",
 }
 _WORD = re.compile(r"[^\W\d_][\w'’.-]*", re.UNICODE)
 _NUMBER = re.compile(
@@ -113,7 +118,8 @@ _SENTENCE_START = re.compile(r"(?:^|[.!?:;\"“”]\s+|\n)\s*$")
 def fold(word: str) -> str:
     """A word's comparison key: case and accents folded (Guzmán = Guzman = GUZMAN)."""
     decomposed = unicodedata.normalize("NFKD", word.casefold())
-    return "".join(c for c in decomposed if not unicodedata.combining(c)).strip(".'’-")
+    folded = "".join(c for c in decomposed if not unicodedata.combining(c)).strip(".'’-")
+    return re.sub(r"['’]s$", "", folded)
 
 
 def _title_case(text: str) -> bool:
@@ -133,7 +139,10 @@ def extract_facts(title: str, text: str) -> dict[str, str]:
         if not segment:
             continue
         words = [
-            (m.group().strip(".'’-"), _SENTENCE_START.search(segment[: m.start()]) is not None)
+            (
+                re.sub(r"['’]s$", "", m.group().strip(".'’-")),
+                _SENTENCE_START.search(segment[: m.start()]) is not None,
+            )
             for m in _WORD.finditer(segment)
         ]
         # A sentence opener is a name only if it is capitalised mid-sentence somewhere too.
@@ -168,7 +177,8 @@ def lead_vector(vectors: Vectors) -> Vectors:
     """The article's vector: the normalised mean of its first ``LEAD_PASSAGES`` passages."""
     lead = np.asarray(vectors[:LEAD_PASSAGES], dtype=np.float32).mean(axis=0)
     norm = float(np.linalg.norm(lead))
-    return lead / norm if norm > 0 else lead
+    unit: Vectors = lead / norm if norm > 0 else lead
+    return unit
 
 
 @dataclass(frozen=True)
@@ -227,7 +237,7 @@ def distinctive(stories: Sequence[Story]) -> set[str]:
     other story may share any fact): these tie two reports to one event."""
     counts: Counter[str] = Counter()
     for story in stories:
-        counts.update(story.facts)
+        counts.update(story.facts.keys())
     limit = max(2.0, DISTINCTIVE_SHARE * len(stories))
     return {fact for fact, n in counts.items() if n < limit}
 
@@ -283,7 +293,7 @@ def decide(candidate: Candidate, stories: Sequence[Story]) -> Decision:
     stages = [v for k, v in candidate.facts.items() if k.startswith("~") and k not in story.facts]
     figures = [v for k, v in candidate.facts.items() if k.startswith("#") and k not in story.facts]
     names = [v for k, v in candidate.facts.items() if k[0] not in "~#" and k not in story.facts]
-    update = bool(stages or figures or len(names) >= 2)
+    update = bool(stages or figures or len(names) >= NEW_NAMES)
     where = (
         f"{member.title!r} ({member.source}, {_day(member.at)})"
         if member is not None
