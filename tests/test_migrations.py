@@ -45,7 +45,7 @@ async def test_migrations_build_the_declared_schema_and_are_idempotent(engine: A
         version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
     declared = {name for md in target_metadata() for name in md.tables}
     assert declared <= tables
-    assert version == "0006"
+    assert version == "0007"
 
 
 def test_newsmon_migrate_command(tmp_path: Path) -> None:

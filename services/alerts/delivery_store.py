@@ -7,13 +7,20 @@ schedule where it stopped.
 The dispatcher reads due work with its subscriptions in one query (:meth:`DeliveryStore.due`)
 and records finished attempts many at a time (:meth:`DeliveryStore.record`): one transaction,
 a few statements, whatever the number of attempts in it.
+
+The fan-out (:meth:`DeliveryStore.add_alerts`) decides in the transaction that records the
+alerts which of them a story already covers (a claim per (subscription, topic, story), unique in
+the database, so racing processes alert once) and which wait for quiet hours or a budget (the
+budget's row is locked while it is counted). Held alerts are released together, once: the
+process that sends them first moves them out of every other's reach
+(:meth:`DeliveryStore.release_held`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cached_property
@@ -21,13 +28,26 @@ from typing import Any
 
 from sqlalchemy import and_, bindparam, func, insert, select, update
 from sqlalchemy.engine import RowMapping
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from newsmon.alerts.policy import PENDING, Decision, Outcome
+from newsmon.alerts.policy import (
+    HELD,
+    PENDING,
+    SENDABLE,
+    SUPPRESSED,
+    Decision,
+    Outcome,
+)
+from newsmon.alerts.schedule import Budget, budget_period, budget_used, release
+from newsmon.alerts.subscription_store import subscription_from_row
 from newsmon.alerts.subscriptions import Subscription
-from newsmon.alerts.tables import attempts, deliveries, subscriptions
+from newsmon.alerts.tables import attempts, budgets, deliveries, story_claims, subscriptions
 from newsmon.db import insert_ignoring_duplicates
 from newsmon.events import utcnow
+
+Clock = Callable[[], datetime]
+# Keys per statement where a batch's keys are listed (PostgreSQL takes 32,767 parameters).
+_CHUNK = 2_000
 
 
 def delivery_id(subscription_id: str, article_id: str, topic: str) -> str:
@@ -44,6 +64,20 @@ class NewDelivery:
     topic: str
     payload: bytes
     not_before: datetime | None = field(default=None, kw_only=True)  # digests wait
+    story_id: str | None = field(default=None, kw_only=True)
+    held_reason: str | None = field(default=None, kw_only=True)  # why a digest waits longer
+
+
+@dataclass(frozen=True)
+class NewAlert:
+    """A delivery the fan-out asks for, with what decides whether and when it goes: the
+    subscription's settings, the score, and the story claims that let it alert (none: it
+    alerts whatever the story)."""
+
+    delivery: NewDelivery
+    subscription: Subscription
+    score: float
+    claims: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -59,6 +93,8 @@ class Delivery:
     next_attempt_at: datetime
     created_at: datetime
     updated_at: datetime
+    story_id: str | None = None
+    held_reason: str | None = None
 
     @cached_property
     def document(self) -> Any:
@@ -100,11 +136,13 @@ class DeliveryFilter:
     status: str | None = None
     since: datetime | None = None
     until: datetime | None = None
+    story_id: str | None = None
 
 
 class DeliveryStore:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, clock: Clock = utcnow) -> None:
         self._engine = engine
+        self._clock = clock
         # Subscriptions read with due work, by their stored values: validated once each.
         self._subscriptions: dict[tuple[Any, ...], Subscription] = {}
 
@@ -112,7 +150,7 @@ class DeliveryStore:
         """Record new deliveries as pending; rows whose id exists are ignored. Returns how many."""
         if not rows:
             return 0
-        now = utcnow()
+        now = self._clock()
         values = [
             {
                 "id": r.id,
@@ -126,6 +164,8 @@ class DeliveryStore:
                 "last_error": None,
                 "created_at": now,
                 "updated_at": now,
+                "story_id": r.story_id,
+                "held_reason": r.held_reason,
             }
             for r in rows
         ]
@@ -155,8 +195,8 @@ class DeliveryStore:
         subscriptions that are failing.
         """
         conditions = [
-            deliveries.c.status == PENDING,
-            deliveries.c.next_attempt_at <= utcnow(),
+            deliveries.c.status.in_(SENDABLE),
+            deliveries.c.next_attempt_at <= self._clock(),
             subscriptions.c.paused.is_(False),
             subscriptions.c.disabled_reason.is_(None),
         ]
@@ -185,9 +225,7 @@ class DeliveryStore:
             if len(self._subscriptions) >= _SUBSCRIPTIONS_KEPT:
                 self._subscriptions.clear()
             row = dict(zip(_SUBSCRIPTION_NAMES, values, strict=True))
-            row["topics"] = tuple(json.loads(row["topics"]))
-            del row["updated_at"]
-            sub = self._subscriptions[key] = Subscription.model_validate(row)
+            sub = self._subscriptions[key] = subscription_from_row(row)
         return sub
 
     async def next_due_at(self) -> datetime | None:
@@ -196,7 +234,7 @@ class DeliveryStore:
             select(func.min(deliveries.c.next_attempt_at))
             .join(subscriptions, subscriptions.c.id == deliveries.c.subscription_id)
             .where(
-                deliveries.c.status == PENDING,
+                deliveries.c.status.in_(SENDABLE),
                 subscriptions.c.paused.is_(False),
                 subscriptions.c.disabled_reason.is_(None),
             )
@@ -212,7 +250,7 @@ class DeliveryStore:
             .where(
                 deliveries.c.subscription_id == sub_id,
                 deliveries.c.status == PENDING,
-                deliveries.c.next_attempt_at <= utcnow(),
+                deliveries.c.next_attempt_at <= self._clock(),
             )
             .order_by(deliveries.c.created_at)
             .limit(limit)
@@ -233,7 +271,7 @@ class DeliveryStore:
         await self.record(
             [
                 FinishedAttempt(
-                    tuple(delivery_ids), sub.id, attempted_at, outcome, decision, utcnow()
+                    tuple(delivery_ids), sub.id, attempted_at, outcome, decision, self._clock()
                 )
             ]
         )
@@ -247,7 +285,7 @@ class DeliveryStore:
         """
         if not finished:
             return
-        now = utcnow()
+        now = self._clock()
         log: list[dict[str, Any]] = []
         retried: list[dict[str, Any]] = []
         ended: list[dict[str, Any]] = []
@@ -344,11 +382,15 @@ class DeliveryStore:
             return [_delivery(r) for r in (await conn.execute(query)).mappings()]
 
     async def requeue(self, where: DeliveryFilter, ids: Collection[str] | None = None) -> int:
-        """Send deliveries again now, whatever their status, with a fresh retry schedule."""
+        """Send deliveries again now, with a fresh retry schedule: those named in ``ids``
+        whatever their status, else the sent ones (not those still held, nor a story's
+        suppressed articles)."""
         conditions = _conditions(where)
         if ids is not None:
             conditions.append(deliveries.c.id.in_(ids))
-        now = utcnow()
+        elif where.status is None:
+            conditions.append(deliveries.c.status.not_in((HELD, SUPPRESSED)))
+        now = self._clock()
         async with self._engine.begin() as conn:
             result = await conn.execute(
                 update(deliveries)
@@ -356,6 +398,138 @@ class DeliveryStore:
                 .values(status=PENDING, attempts=0, next_attempt_at=now, updated_at=now)
             )
         return int(result.rowcount)
+
+    async def add_alerts(self, alerts: Sequence[NewAlert]) -> int:
+        """Record what a batch of matches asks for, in one transaction; returns how many new
+        alerts it made (a story's suppressed articles and rows that exist are not counted).
+
+        An alert with claims alerts only if it holds one of them (the first to ask for a claim
+        gets it, across processes: the table's primary key decides); the others are recorded
+        as suppressed. An instant alert with quiet hours or a budget is held when they say so
+        (:func:`newsmon.alerts.schedule.release`), and spends its budget when it goes at once.
+        A row that exists (the bus redelivered its match) changes nothing, budget included.
+        """
+        if not alerts:
+            return 0
+        now = self._clock()
+        asked: dict[tuple[str, str, str, str], str] = {}
+        for a in alerts:
+            for claim in a.claims:
+                key = (a.subscription.id, a.delivery.topic, a.delivery.story_id or "", claim)
+                asked.setdefault(key, a.delivery.id)
+        budget_of = {
+            a.subscription.id: b for a in alerts if (b := _budget_of(a.subscription)) is not None
+        }
+        budgeted = sorted(budget_of)
+        ids = sorted({a.delivery.id for a in alerts})
+        engine = self._engine
+        async with engine.begin() as conn:
+            # Writes first, in key order: on SQLite the transaction takes the write lock at
+            # once, and on PostgreSQL racing transactions take row locks in one order.
+            if asked:
+                rows = [
+                    {"subscription_id": s, "topic": t, "story_id": st, "claim": c,
+                     "delivery_id": d, "created_at": now}
+                    for (s, t, st, c), d in sorted(asked.items())
+                ]  # fmt: skip
+                await conn.execute(insert_ignoring_duplicates(engine, story_claims), rows)
+            counts: dict[str, tuple[datetime | None, int]] = {}
+            if budgeted:
+                await conn.execute(
+                    insert_ignoring_duplicates(engine, budgets),
+                    [{"subscription_id": s, "period_start": None, "used": 0} for s in budgeted],
+                )
+                locked = (
+                    select(budgets)
+                    .where(budgets.c.subscription_id.in_(budgeted))
+                    .order_by(budgets.c.subscription_id)
+                    .with_for_update()
+                )
+                for r in await conn.execute(locked):
+                    counts[r.subscription_id] = (r.period_start, r.used)
+            existing = await _existing(conn, ids)
+            holders = await _holders(conn, asked) if asked else {}
+            used = {s: budget_used(b, now, *counts.get(s, (None, 0))) for s, b in budget_of.items()}
+            values: list[dict[str, Any]] = []
+            made = 0
+            for a in alerts:
+                d, sub = a.delivery, a.subscription
+                if d.id in existing:
+                    continue
+                existing.add(d.id)  # the same delivery twice in one batch: the first counts
+                status, at, reason = PENDING, d.not_before or now, d.held_reason
+                if a.claims and not any(
+                    holders.get((sub.id, d.topic, d.story_id or "", c)) == d.id for c in a.claims
+                ):
+                    status, at, reason = SUPPRESSED, now, None
+                elif sub.mode == "instant" and (sub.budget or sub.quiet_hours):
+                    when = release(
+                        quiet=sub.quiet_hours,
+                        budget=sub.budget,
+                        now=now,
+                        score=a.score,
+                        used=used.get(sub.id, 0),
+                    )
+                    if when.spends_budget:
+                        used[sub.id] += 1
+                    if when.at is not None:
+                        status, at, reason = HELD, when.at, when.reason
+                made += status != SUPPRESSED
+                values.append(
+                    {
+                        "id": d.id, "subscription_id": d.subscription_id,
+                        "article_id": d.article_id, "topic": d.topic, "status": status,
+                        "attempts": 0, "next_attempt_at": at, "payload": d.payload,
+                        "last_error": None, "created_at": now, "updated_at": now,
+                        "story_id": d.story_id, "held_reason": reason,
+                    }
+                )  # fmt: skip
+            if budgeted:
+                spent = [
+                    {"b_id": s, "b_start": budget_period(budget_of[s], now)[0], "b_used": used[s]}
+                    for s in budgeted
+                ]
+                await conn.execute(
+                    update(budgets)
+                    .where(budgets.c.subscription_id == bindparam("b_id"))
+                    .values(period_start=bindparam("b_start"), used=bindparam("b_used")),
+                    spent,
+                )
+            if values:
+                await conn.execute(insert_ignoring_duplicates(engine, deliveries), values)
+        return made
+
+    async def release_held(
+        self, sub_id: str, due_at: datetime, lease_s: float, limit: int
+    ) -> list[Delivery]:
+        """Take the oldest ``limit`` held alerts of ``sub_id`` due at ``due_at`` (released
+        together, or retried together) for one attempt: they become pending, out of every
+        dispatcher's reach for ``lease_s`` (the attempt's outcome sets their next time).
+        Another process that took them first leaves none to take. Oldest first."""
+        now = self._clock()
+        held = [
+            deliveries.c.subscription_id == sub_id,
+            deliveries.c.held_reason.is_not(None),
+            deliveries.c.status.in_(SENDABLE),
+            deliveries.c.next_attempt_at == due_at,
+        ]
+        oldest = (
+            select(deliveries.c.id)
+            .where(*held)
+            .order_by(deliveries.c.created_at, deliveries.c.id)
+            .limit(limit)
+        )
+        query = (
+            update(deliveries)
+            .where(deliveries.c.id.in_(oldest), *held)
+            .values(
+                status=PENDING, next_attempt_at=now + timedelta(seconds=lease_s), updated_at=now
+            )
+            .returning(*deliveries.c)
+        )
+        async with self._engine.begin() as conn:
+            taken = [_delivery(r) for r in (await conn.execute(query)).mappings()]
+        return sorted(taken, key=lambda d: (d.created_at, d.id))
 
     async def count(self, status: str) -> int:
         query = select(func.count()).select_from(deliveries).where(deliveries.c.status == status)
@@ -408,8 +582,42 @@ def _health(
     return recovered, failing, again, disabled
 
 
+def _budget_of(sub: Subscription) -> Budget | None:
+    return sub.budget if sub.mode == "instant" else None
+
+
+async def _existing(conn: AsyncConnection, ids: Sequence[str]) -> set[str]:
+    found: set[str] = set()
+    for i in range(0, len(ids), _CHUNK):
+        query = select(deliveries.c.id).where(deliveries.c.id.in_(ids[i : i + _CHUNK]))
+        found.update(row[0] for row in await conn.execute(query))
+    return found
+
+
+async def _holders(
+    conn: AsyncConnection, asked: dict[tuple[str, str, str, str], str]
+) -> dict[tuple[str, str, str, str], str]:
+    """Who holds each claim asked for (this transaction's or an earlier one's delivery)."""
+    stories = sorted({k[2] for k in asked})
+    subs = sorted({k[0] for k in asked})
+    held: dict[tuple[str, str, str, str], str] = {}
+    c = story_claims.c
+    for i in range(0, len(stories), _CHUNK):
+        for j in range(0, len(subs), _CHUNK):
+            query = select(c.subscription_id, c.topic, c.story_id, c.claim, c.delivery_id).where(
+                c.story_id.in_(stories[i : i + _CHUNK]), c.subscription_id.in_(subs[j : j + _CHUNK])
+            )
+            for r in await conn.execute(query):
+                key = (r.subscription_id, r.topic, r.story_id, r.claim)
+                if key in asked:
+                    held[key] = r.delivery_id
+    return held
+
+
 def _conditions(where: DeliveryFilter) -> list[Any]:
     conditions: list[Any] = []
+    if where.story_id is not None:
+        conditions.append(deliveries.c.story_id == where.story_id)
     if where.subscription_id is not None:
         conditions.append(deliveries.c.subscription_id == where.subscription_id)
     if where.status is not None:
@@ -434,4 +642,6 @@ def _delivery(r: RowMapping) -> Delivery:
         next_attempt_at=r["next_attempt_at"],
         created_at=r["created_at"],
         updated_at=r["updated_at"],
+        story_id=r["story_id"],
+        held_reason=r["held_reason"],
     )

@@ -7,7 +7,9 @@ An endpoint not yet known to fail is slow once an attempt to it goes unanswered 
 ``SLOW_AFTER_S``: from then until that attempt ends, its subscription is in the failing lane
 (nothing more starts for it) and its attempts leave the healthy ones' slots; open exchanges of
 every kind together stay within twice ``delivery_concurrency``.
-A digest subscription's due deliveries go out together, as one attempt.
+A digest subscription's due deliveries go out together, as one attempt; so do the alerts that
+quiet hours or a budget held until one time (one summary webhook or digest email), taken from
+the store first so that no other process sends them too.
 
 Finished attempts are recorded in batches (:class:`_Recorder`): whatever finished while the
 last write ran goes into the next transaction. An attempt's slot is free once its exchange
@@ -30,7 +32,7 @@ from datetime import datetime, timedelta
 
 from newsmon import metrics
 from newsmon.alerts.channels import Channel
-from newsmon.alerts.delivery_store import Delivery, DeliveryStore, FinishedAttempt
+from newsmon.alerts.delivery_store import Clock, Delivery, DeliveryStore, FinishedAttempt
 from newsmon.alerts.payload import TEST_EVENT
 from newsmon.alerts.policy import DEAD, decide, digest_period
 from newsmon.alerts.subscriptions import Subscription
@@ -49,6 +51,9 @@ FILL_PAUSE_S = 0.005
 SLOW_AFTER_S = 0.5
 # Most alerts in one digest email; more wait for the next one.
 DIGEST_MAX_ITEMS = 200
+# Held alerts taken for an attempt stay out of every dispatcher's reach this much longer than
+# the attempt may last; if the process dies meanwhile, they are sent again after it.
+HELD_LEASE_MARGIN_S = 60.0
 # A batch of attempts that failed to record is tried once more after this pause; then its
 # deliveries are left pending, to be sent again (same webhook-id).
 RECORD_RETRY_S = 1.0
@@ -152,8 +157,13 @@ class Dispatcher:
         settings: Settings,
         deliveries: DeliveryStore,
         channels: Mapping[str, Channel],
+        clock: Clock = utcnow,
     ) -> None:
         self._settings = settings
+        self._clock = clock
+        self._held_lease_s = (
+            max(settings.webhook_timeout_s, settings.smtp_timeout_s) + HELD_LEASE_MARGIN_S
+        )
         self._deliveries = deliveries
         self._channels = channels
         self._rng = random.Random()  # noqa: S311  (jitter, not secrets)
@@ -213,7 +223,7 @@ class Dispatcher:
             ]
             if turning:
                 timeout = min(timeout, min(turning))
-        now = utcnow()
+        now = self._clock()
         if self._next_retry is not None:
             if (ahead := (self._next_retry - now).total_seconds()) > 0:
                 timeout = min(timeout, ahead)
@@ -278,6 +288,13 @@ class Dispatcher:
                     rows = [r for r in rows if r.id not in busy]
                     if not rows:
                         continue
+                elif delivery.held_reason is not None:  # with those held until the same time
+                    rows = await self._deliveries.release_held(
+                        sub.id, delivery.next_attempt_at, self._held_lease_s, DIGEST_MAX_ITEMS
+                    )
+                    rows = [r for r in rows if r.id not in busy]
+                    if not rows:  # another process took them
+                        continue
                 else:
                     rows = [delivery]
                 self._start(sub, rows, failing)
@@ -340,11 +357,11 @@ class Dispatcher:
         await self._recorder.close(max(deadline - time.monotonic(), RECORD_LAST_S))
 
     async def _attempt(self, flight: _Flight, sub: Subscription, rows: list[Delivery]) -> None:
-        attempted_at = utcnow()
+        attempted_at = self._clock()
         channel = self._channels[sub.channel]
         outcome = await channel.send(sub, rows)
         attempt = max(r.attempts for r in rows) + 1
-        decided_at = utcnow()
+        decided_at = self._clock()
         decision = decide(
             outcome,
             attempts=attempt,

@@ -23,7 +23,9 @@ from urllib.parse import urlsplit
 
 import aiosmtplib
 
+from newsmon.alerts.channels import held
 from newsmon.alerts.delivery_store import Delivery
+from newsmon.alerts.payload import held_for, story_line, summary_id
 from newsmon.alerts.policy import Outcome, digest_period
 from newsmon.alerts.subscriptions import Subscription
 from newsmon.events import utcnow
@@ -59,14 +61,17 @@ def render(
     unsubscribe_url: str,
     period: str | None = None,
 ) -> EmailMessage:
-    """One email for one alert, or a digest of several (``period`` names the digest's period).
+    """One email for one alert, or a digest of several (``period`` names the digest's period,
+    or why its alerts were held: "quiet hours", "over budget").
 
     ``alerts`` are the ``data`` objects of alert payloads (topic, score, threshold, evidence,
-    article, and the feedback links; alerts recorded before the links existed have none).
+    article, story and the feedback links; alerts recorded before the links or stories existed
+    have none).
     """
     if period is None:
         alert = alerts[0]
-        subject = f"[newsmon] {alert['topic']}: {alert['article']['title']}"
+        update = "update: " if (alert.get("story") or {}).get("update") else ""
+        subject = f"[newsmon] {alert['topic']}: {update}{alert['article']['title']}"
         intro = "A new article matched your subscription."
     else:
         subject = f"[newsmon] {period} digest: {len(alerts)} new alert" + (
@@ -103,6 +108,8 @@ def _text(intro: str, alerts: Sequence[dict[str, Any]], unsubscribe_url: str) ->
         if article.get("summary"):
             lines.append(f"  summary: {article['summary']}")
         lines.append(f"  because: {a['evidence']['passage']}")
+        if story := a.get("story"):
+            lines.append(f"  story: {story_line(story)}")
         if feedback := a.get("feedback"):
             lines.append(f"  more like this: {feedback['relevant']}")
             lines.append(f"  not relevant: {feedback['not_relevant']}")
@@ -123,6 +130,7 @@ def _html(intro: str, alerts: Sequence[dict[str, Any]], unsubscribe_url: str) ->
             title = f'<a href="{e(link)}">{title}</a>'
         feed = e(article["feed"]["title"] or article["feed"]["url"])
         summary = f"<p>{e(article['summary'])}</p>" if article.get("summary") else ""
+        story = f"<p>Story {e(story_line(a['story']))}</p>" if a.get("story") else ""
         feedback = ""
         if links := a.get("feedback"):
             feedback = (
@@ -133,7 +141,7 @@ def _html(intro: str, alerts: Sequence[dict[str, Any]], unsubscribe_url: str) ->
             f"<li><h3>{title}</h3>"
             f"<p><b>{e(a['topic'])}</b> score {a['score']:.3f} "
             f"(threshold {a['threshold']:.2f}) · {feed}</p>{summary}"
-            f"<blockquote>{e(a['evidence']['passage'])}</blockquote>{feedback}</li>"
+            f"<blockquote>{e(a['evidence']['passage'])}</blockquote>{story}{feedback}</li>"
         )
     return (
         "<!doctype html><html><body><p>"
@@ -214,6 +222,8 @@ class EmailChannel:
         message_id = (
             "digest_" + hashlib.sha256("".join(r.id for r in rows).encode()).hexdigest()[:32]
             if digest
+            else summary_id([r.id for r in rows])
+            if held(rows)
             else rows[0].id
         )
         message = render(
@@ -225,7 +235,13 @@ class EmailChannel:
                 f"{settings.public_url.rstrip('/')}/subscriptions/{sub.id}"
                 f"/unsubscribe/{sub.unsubscribe_token}"
             ),
-            period=sub.mode if digest else None,
+            period=(
+                sub.mode
+                if digest
+                else held_for([r.held_reason for r in rows])
+                if held(rows)
+                else None
+            ),
         )
         return await send(message, self._config)
 

@@ -1,19 +1,40 @@
-"""What a subscriber receives: the JSON body of an alert, a test alert, and its log rendering.
+"""What a subscriber receives: the JSON body of an alert, a test alert, the summary of held
+alerts, and their log rendering.
 
-Pure functions over events; every channel (webhook, email, log) starts from this body.
+Pure functions over events; every channel (webhook, email, log) starts from these bodies.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
 
-from newsmon.events import Article, ArticleMatched, Evidence, TopicScore, utcnow
+from newsmon.events import Article, ArticleMatched, Evidence, StoryRef, TopicScore, utcnow
 
 PAYLOAD_VERSION = 1
 MATCHED_EVENT = "article.matched"
 TEST_EVENT = "subscription.test"
+# One webhook for the alerts held by quiet hours or a budget, when they end.
+SUMMARY_EVENT = "alerts.summary"
+
+
+def story_of(event: ArticleMatched) -> StoryRef:
+    """The story of the event's article; from a producer that groups none, a story of its own
+    (its id is the article's)."""
+    if event.story is not None:
+        return event.story
+    article = event.article
+    return StoryRef(
+        story_id=article.article_id,
+        title=article.title,
+        article_count=1,
+        first_seen=event.fetched_at,
+        reason="no story information: the article is a story of its own",
+    )
 
 
 def build_payload(
@@ -30,6 +51,7 @@ def build_payload(
     ``relevant`` ("more like this"), ``not_relevant`` and their ``expires_at``.
     """
     article = event.article
+    story = story_of(event)
     body = {
         "type": kind,
         "version": PAYLOAD_VERSION,
@@ -51,6 +73,47 @@ def build_payload(
                 "fetched_at": event.fetched_at.isoformat(),
             },
             "feedback": dict(feedback),
+            "story": {
+                "id": story.story_id,
+                "title": story.title,
+                "article_count": story.article_count,
+                "first_seen": story.first_seen.isoformat(),
+                "update": story.update,
+                "new": list(story.new),
+                "reason": story.reason,
+            },
+        },
+    }
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def summary_id(delivery_ids: Sequence[str]) -> str:
+    """The ``webhook-id`` of a summary: the same for the same held alerts, on every attempt."""
+    digest = hashlib.sha256("\x00".join(sorted(delivery_ids)).encode()).hexdigest()
+    return "msg_sum_" + digest[:28]
+
+
+def build_summary(
+    subscription_id: str, held: Sequence[tuple[str, bytes, str | None, datetime]]
+) -> bytes:
+    """One body for alerts that were held: ``held`` is (delivery id, alert payload, why it was
+    held, when it was recorded) per alert, oldest first. Each alert is listed whole, as its own
+    webhook would have carried it. The body is the same on every attempt (its timestamp is
+    when the latest of them was recorded)."""
+    alerts: list[dict[str, Any]] = []
+    for delivery_id, payload, _, _ in held:
+        alert = json.loads(payload)
+        alerts.append({"delivery_id": delivery_id, "type": alert["type"], **alert["data"]})
+    body = {
+        "type": SUMMARY_EVENT,
+        "version": PAYLOAD_VERSION,
+        "timestamp": max(at for *_, at in held).isoformat() if held else None,
+        "data": {
+            "subscription_id": subscription_id,
+            "held_for": sorted({reason for _, _, reason, _ in held if reason}),
+            "count": len(alerts),
+            "since": min(at for *_, at in held).isoformat() if held else None,
+            "alerts": alerts,
         },
     }
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
@@ -91,6 +154,7 @@ def describe_alert(payload: bytes) -> str:
         f"    link:    {article['link'] or '-'}",
         f"    feed:    {article['feed']['title'] or article['feed']['url']}",
         f"    because: “{_clip(evidence['passage'], 220)}”",
+        *_story_lines(data.get("story")),
         f"    nearest example ({evidence['positive_similarity']:.3f}): "
         f"“{_clip(evidence['nearest_positive'], 160)}”",
     ]
@@ -100,6 +164,28 @@ def describe_alert(payload: bytes) -> str:
             f"“{_clip(evidence['nearest_negative'], 160)}”"
         )
     return "\n".join(lines)
+
+
+HELD_FOR = {"quiet_hours": "quiet hours", "budget": "over budget"}
+
+
+def held_for(reasons: Sequence[str | None]) -> str:
+    """Why alerts were held, in words: "quiet hours", "over budget", or both."""
+    return " and ".join(HELD_FOR.get(r, r) for r in sorted({r for r in reasons if r})) or "held"
+
+
+def story_line(story: Mapping[str, Any]) -> str:
+    """One line naming an alert's story: its id and article count, and what is new in it."""
+    count = story["article_count"]
+    line = f"{story['id']} ({count} article{'s' if count != 1 else ''})"
+    if story.get("update"):
+        line += ", updated: " + ("; ".join(story.get("new") or []) or "a new development")
+    return line
+
+
+def _story_lines(story: Mapping[str, Any] | None) -> list[str]:
+    # Alerts recorded before stories existed have none.
+    return [f"    story:   {story_line(story)}"] if story else []
 
 
 def _clip(text: str, n: int) -> str:

@@ -16,7 +16,12 @@ from datetime import UTC, datetime, timedelta
 from newsmon.retry_after import parse_retry_after
 
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
-STATUSES = (PENDING, DELIVERED, DEAD)
+# Held: waiting for its quiet hours or budget period to end (next_attempt_at), then sent with
+# the others held with it. Suppressed: a later article of a story the subscription was alerted
+# of; recorded, never sent.
+HELD, SUPPRESSED = "held", "suppressed"
+STATUSES = (HELD, PENDING, DELIVERED, DEAD, SUPPRESSED)
+SENDABLE = (PENDING, HELD)
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ def build_router(service: AlertsService) -> APIRouter:
 
     @router.patch("/subscriptions/{sub_id}", tags=["subscriptions"])
     async def update_subscription(sub_id: str, body: SubscriptionUpdate) -> SubscriptionPublic:
-        """Change the topics, minimum score, mode or address."""
+        """Change the topics, minimum score, mode, address, grouping, budget or quiet hours."""
         return await _answer(service.update_subscription(sub_id, body))
 
     @router.delete(
@@ -112,11 +112,13 @@ def build_router(service: AlertsService) -> APIRouter:
         ] = None,
         since: Annotated[datetime | None, Query(description="created at or after")] = None,
         until: Annotated[datetime | None, Query(description="created before")] = None,
+        story_id: Annotated[str | None, Query(description="the story's articles")] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
     ) -> list[DeliveryPublic]:
-        """Deliveries, newest first, filtered by subscription, status and creation time."""
-        where = DeliveryFilter(subscription_id, status_, since, until)
+        """Deliveries, newest first, filtered by subscription, status, creation time and story
+        (a story's alert and its suppressed articles)."""
+        where = DeliveryFilter(subscription_id, status_, since, until, story_id)
         return await service.list_deliveries(where, limit, offset)
 
     @router.get("/deliveries/{delivery_id}", tags=["deliveries"])

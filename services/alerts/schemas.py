@@ -33,16 +33,25 @@ class DeliveryPublic(BaseModel):
     subscription_id: str
     article_id: str
     topic: str
-    status: str
+    status: str = Field(
+        description="held (until next_attempt_at), pending, delivered, dead, or suppressed "
+        "(a later article of a story already alerted: never sent)"
+    )
     attempts: int = Field(description="attempts in the current round (a retry starts a new one)")
     last_error: str | None
-    next_attempt_at: datetime | None = Field(description="null unless the delivery is pending")
+    next_attempt_at: datetime | None = Field(
+        description="when it goes: the next attempt (pending) or its release (held); else null"
+    )
     created_at: datetime
     updated_at: datetime
+    story_id: str | None = Field(None, description="the story of the article")
+    held_reason: str | None = Field(
+        None, description="quiet_hours or budget: it was held, and goes with the others held"
+    )
 
     @model_validator(mode="after")
     def _next_attempt_only_when_pending(self) -> DeliveryPublic:
-        if self.status != "pending":
+        if self.status not in ("pending", "held"):
             self.next_attempt_at = None
         return self
 

@@ -1,14 +1,18 @@
 """The alerts service: turn matches into deliveries, and what the API asks of subscriptions.
 
 Matches are recorded as delivery rows before the bus offset is committed, so a crash loses
-nothing and a redelivered match inserts nothing new. The dispatcher (``dispatcher``) sends
-what is due through the channels (``webhook``, ``mail``, ``channels``).
+nothing and a redelivered match inserts nothing new. A subscription that hears once per story
+claims each (topic, story) it is alerted of, and each development of it; a later article of
+the story is recorded as suppressed. Quiet hours and budgets hold alerts, as rows that wait
+for their release time (``schedule``). The dispatcher (``dispatcher``) sends what is due
+through the channels (``webhook``, ``mail``, ``channels``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import hmac
 import json
 import logging
@@ -20,11 +24,19 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from newsmon import metrics
 from newsmon.alerts.channels import Channel, LogChannel
-from newsmon.alerts.delivery_store import DeliveryFilter, DeliveryStore, NewDelivery, delivery_id
+from newsmon.alerts.delivery_store import (
+    Clock,
+    DeliveryFilter,
+    DeliveryStore,
+    NewAlert,
+    NewDelivery,
+    delivery_id,
+)
 from newsmon.alerts.dispatcher import Dispatcher
 from newsmon.alerts.mail import EmailChannel
-from newsmon.alerts.payload import MATCHED_EVENT, TEST_EVENT, build_payload, test_event
+from newsmon.alerts.payload import MATCHED_EVENT, TEST_EVENT, build_payload, story_of, test_event
 from newsmon.alerts.policy import digest_period, next_digest_at
+from newsmon.alerts.schedule import digest_release
 from newsmon.alerts.schemas import AttemptPublic, DeliveryDetail, DeliveryPublic
 from newsmon.alerts.signing import new_secret
 from newsmon.alerts.subscription_store import SubscriptionStore
@@ -43,6 +55,7 @@ from newsmon.events import (
     ARTICLES_MATCHED,
     ArticleMatched,
     EventError,
+    StoryRef,
     TopicScore,
     as_utc,
     utcnow,
@@ -90,11 +103,14 @@ class AlertsService:
         client: httpx.AsyncClient | None = None,
         resolver: Resolver = system_resolver,
         topics: TopicCatalogue | None = None,
+        clock: Clock = utcnow,
     ) -> None:
         self.settings = settings
         self._topics = topics
+        # What "now" is for quiet hours, budgets and due work (tests move it by hand).
+        self._clock = clock
         self.subscriptions = SubscriptionStore(engine)
-        self.deliveries = DeliveryStore(engine)
+        self.deliveries = DeliveryStore(engine, clock)
         self._engine = engine
         self._feedback_secret: bytes | None = None  # read by ensure_seeded
         self._resolver = resolver
@@ -107,7 +123,7 @@ class AlertsService:
             "email": EmailChannel(settings),
             "log": LogChannel(),
         }
-        self._dispatcher = Dispatcher(settings, self.deliveries, self._channels)
+        self._dispatcher = Dispatcher(settings, self.deliveries, self._channels, clock)
 
     # lifecycle -----------------------------------------------------------------------------
 
@@ -152,21 +168,25 @@ class AlertsService:
                     await consumer.commit()
 
     async def handle_batch(self, messages: list[Message]) -> int:
-        """Record a delivery per (subscription, article, topic) the batch asks for."""
+        """Record a delivery per (subscription, article, topic) the batch asks for; returns
+        how many are alerts (sent or held), not a story's suppressed articles."""
         await self.ensure_seeded()
         subscriptions = await self.subscriptions.recording_subscriptions()
-        rows: list[NewDelivery] = []
+        rows: list[NewAlert] = []
         for message in messages:
             try:
                 event = ArticleMatched.decode(message.value)
             except EventError as exc:
                 log.error("skipping malformed event at %s: %s", message.coordinates, exc)
                 continue
+            claims = story_claims(story_of(event), event.article.article_id)
             for score in event.matches:
                 for sub in subscriptions:
                     if sub.wants(score.topic, score.score):
-                        rows.append(self._new_delivery(sub, event, score))
-        added = await self.deliveries.add(rows)
+                        row = self._new_delivery(sub, event, score)
+                        grouped = claims if sub.grouping == "story" else ()
+                        rows.append(NewAlert(row, sub, score.score, grouped))
+        added = await self.deliveries.add_alerts(rows)
         if added:
             self.wake()
         return added
@@ -188,13 +208,21 @@ class AlertsService:
         )
         assert self._feedback_secret is not None, "ensure_seeded comes first"
         feedback = feedback_links(claim, self._feedback_secret, settings.public_url)
+        not_before, held_reason = None, None
+        if period:  # a digest: at the end of its period, or of the quiet hours it falls in
+            when = digest_release(
+                sub.quiet_hours, next_digest_at(self._clock(), period), score.score
+            )
+            not_before, held_reason = when.at, when.reason
         return NewDelivery(
             id=delivery_id(sub.id, article_id, score.topic),
             subscription_id=sub.id,
             article_id=article_id,
             topic=score.topic,
             payload=build_payload(sub.id, event, score, feedback=feedback, kind=kind),
-            not_before=next_digest_at(utcnow(), period) if period else None,
+            not_before=not_before,
+            story_id=story_of(event).story_id,
+            held_reason=held_reason,
         )
 
     # subscriptions: what the API asks -------------------------------------------------------
@@ -238,7 +266,7 @@ class AlertsService:
     async def create_subscription(self, body: SubscriptionCreate) -> SubscriptionCreated:
         """Subscribe a webhook, an email address or the log; a webhook's secret is shown once."""
         await self.ensure_seeded()
-        problems = channel_problems(body.channel, body.url, body.email, body.mode)
+        problems = channel_problems(body.channel, body.url, body.email, body.mode, body.budget)
         if problems:
             raise Invalid(problems)
         await self._check_topics(body.topics)
@@ -251,6 +279,9 @@ class AlertsService:
             topics=tuple(body.topics),
             min_score=body.min_score,
             mode=body.mode,
+            grouping=body.grouping,
+            budget=body.budget,
+            quiet_hours=body.quiet_hours,
             secret=new_secret() if body.channel == "webhook" else None,
         )
         if not await self.subscriptions.create_subscription(sub):
@@ -260,13 +291,17 @@ class AlertsService:
     async def update_subscription(
         self, sub_id: str, body: SubscriptionUpdate
     ) -> SubscriptionPublic:
-        """Change the topics, minimum score, mode or address."""
+        """Change the topics, minimum score, mode, address, grouping, budget or quiet hours
+        (null removes a budget or quiet hours)."""
         sub = await self._found(sub_id)
         changes = body.model_dump(exclude_unset=True)
         merged = {**sub.model_dump(), **changes}
-        problems = channel_problems(sub.channel, merged["url"], merged["email"], merged["mode"])
-        if any(v is None for k, v in changes.items() if k in ("topics", "min_score", "mode")):
-            problems.append(("body", "topics, min_score and mode cannot be null"))
+        problems = channel_problems(
+            sub.channel, merged["url"], merged["email"], merged["mode"], merged["budget"]
+        )
+        required = ("topics", "min_score", "mode", "grouping")
+        if any(v is None for k, v in changes.items() if k in required):
+            problems.append(("body", "topics, min_score, mode and grouping cannot be null"))
         if problems:
             raise Invalid(problems)
         await self._check_topics(changes.get("topics"))
@@ -386,6 +421,18 @@ class AlertsService:
         if delivery is None:
             raise NotFound(f"no delivery {delivery_id!r}")
         return DeliveryPublic.model_validate(delivery, from_attributes=True)
+
+
+def story_claims(story: StoryRef, article_id: str) -> tuple[str, ...]:
+    """What an article may claim for a subscription that hears once per story: the story's
+    first alert, and for an update the alert of that development (two articles that report
+    the same new facts alert once; an update that names none is a development of its own).
+    An update also takes the first alert where no earlier article of the story reached the
+    subscription."""
+    if not story.update:
+        return ("story",)
+    facts = "\x00".join(sorted(story.new)) if story.new else "article\x00" + article_id
+    return ("story", "update:" + hashlib.sha256(facts.encode()).hexdigest()[:32])
 
 
 def _public(sub: Subscription) -> SubscriptionPublic:

@@ -7,11 +7,12 @@ from collections.abc import Collection, Iterable
 from datetime import datetime
 from typing import Any
 
+from pydantic import BaseModel
 from sqlalchemy import delete, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from newsmon.alerts.policy import DEAD, PENDING
+from newsmon.alerts.policy import DEAD, SENDABLE
 from newsmon.alerts.subscriptions import Subscription
 from newsmon.alerts.tables import SEEDED, deliveries, meta, subscriptions
 from newsmon.db import insert_ignoring_duplicates
@@ -63,11 +64,14 @@ class SubscriptionStore:
         if where is not None:
             query = query.where(where)
         async with self._engine.connect() as conn:
-            return [_subscription(r) for r in (await conn.execute(query)).mappings()]
+            return [subscription_from_row(r) for r in (await conn.execute(query)).mappings()]
 
     async def update_subscription(self, sub_id: str, **values: Any) -> Subscription | None:
         if "topics" in values:
             values["topics"] = json.dumps(list(values["topics"]))
+        for name in _JSON_SETTINGS:
+            if name in values:
+                values[name] = _json_or_none(values[name])
         async with self._engine.begin() as conn:
             result = await conn.execute(
                 update(subscriptions)
@@ -83,21 +87,39 @@ class SubscriptionStore:
             result = await conn.execute(delete(subscriptions).where(subscriptions.c.id == sub_id))
             await conn.execute(
                 update(deliveries)
-                .where(deliveries.c.subscription_id == sub_id, deliveries.c.status == PENDING)
+                .where(deliveries.c.subscription_id == sub_id, deliveries.c.status.in_(SENDABLE))
                 .values(status=DEAD, last_error="subscription deleted", updated_at=now)
             )
         return bool(result.rowcount)
 
 
+# Settings stored as JSON text (null: not set).
+_JSON_SETTINGS = ("budget", "quiet_hours")
+
+
+def _json_or_none(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    return json.dumps(value, separators=(",", ":"))
+
+
 def _subscription_row(sub: Subscription, now: datetime) -> dict[str, Any]:
     row = sub.model_dump()
     row["topics"] = json.dumps(list(sub.topics))
+    for name in _JSON_SETTINGS:
+        row[name] = _json_or_none(row[name])
     row["updated_at"] = now
     return row
 
 
-def _subscription(r: RowMapping) -> Subscription:
-    values: dict[str, Any] = dict(r)
-    values["topics"] = tuple(json.loads(r["topics"]))
-    values.pop("updated_at")
+def subscription_from_row(row: RowMapping | dict[str, Any]) -> Subscription:
+    """A subscription from its stored columns (JSON ones decoded); ``updated_at`` is dropped."""
+    values: dict[str, Any] = dict(row)
+    values["topics"] = tuple(json.loads(values["topics"]))
+    for name in _JSON_SETTINGS:
+        if values.get(name) is not None:
+            values[name] = json.loads(values[name])
+    values.pop("updated_at", None)
     return Subscription.model_validate(values)

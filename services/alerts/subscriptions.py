@@ -1,7 +1,9 @@
 """Subscriptions: who hears about which topics, how, and in what state; plus the API's schemas.
 
 A subscription is a webhook (URL, ``whsec_`` secret), an email address (instantly or as an
-hourly/daily digest) or the log. It may be paused (by an operator, or by its recipient through
+hourly/daily digest) or the log. It hears once per story (``grouping``), or of every article;
+it may set a budget of alerts per hour or day and quiet hours in its own time zone
+(``schedule``). It may be paused (by an operator, or by its recipient through
 ``List-Unsubscribe``: nothing new is recorded for it) or disabled by newsmon after failing
 (matches are still recorded and held until it is resumed).
 """
@@ -18,12 +20,16 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
+from newsmon.alerts.schedule import Budget, QuietHours
 from newsmon.alerts.signing import decode_secret
 from newsmon.events import utcnow
 from newsmon.ssrf import MAX_URL_LENGTH, UnsafeURL, split_url
 
 Channel = Literal["webhook", "email", "log"]
 Mode = Literal["instant", "hourly", "daily"]
+# "story": one alert per (topic, story), and again when the story develops; "article": every
+# matching article.
+Grouping = Literal["story", "article"]
 Slug = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 # Deliberately simple: one @, no spaces or control characters, a dot in the domain. The SMTP
@@ -75,6 +81,9 @@ class Subscription(BaseModel):
     topics: tuple[str, ...] = Field(default=(), description="topic slugs; empty means all")
     min_score: float = Field(0.0, ge=0.0, le=1.0)
     mode: Mode = "instant"
+    grouping: Grouping = "story"
+    budget: Budget | None = None
+    quiet_hours: QuietHours | None = None
     url: WebhookURL | None = None
     email: EmailAddress | None = None
     secret: str | None = Field(None, repr=False)
@@ -100,6 +109,8 @@ class Subscription(BaseModel):
             raise ValueError(f"subscription {self.id}: an email subscription needs an email")
         if self.mode != "instant" and self.channel != "email":
             raise ValueError(f"subscription {self.id}: digests are for email subscriptions")
+        if self.mode != "instant" and self.budget is not None:
+            raise ValueError(f"subscription {self.id}: a digest has no budget")
         return self
 
     @property
@@ -125,6 +136,11 @@ class SubscriptionCreate(BaseModel):
     topics: list[Slug] = Field(default_factory=list, description="topic slugs; empty means all")
     min_score: float = Field(0.0, ge=0.0, le=1.0)
     mode: Mode = Field("instant", description="instant; hourly or daily digests for email")
+    grouping: Grouping = Field(
+        "story", description="story: one alert per story (again on updates); article: every one"
+    )
+    budget: Budget | None = Field(None, description="at most max_alerts per hour or day")
+    quiet_hours: QuietHours | None = Field(None, description="local hours when alerts wait")
 
 
 class SubscriptionUpdate(BaseModel):
@@ -135,10 +151,13 @@ class SubscriptionUpdate(BaseModel):
     topics: list[Slug] | None = None
     min_score: float | None = Field(None, ge=0.0, le=1.0)
     mode: Mode | None = None
+    grouping: Grouping | None = None
+    budget: Budget | None = Field(None, description="null: no budget")
+    quiet_hours: QuietHours | None = Field(None, description="null: no quiet hours")
 
 
 def channel_problems(
-    channel: str, url: str | None, email: str | None, mode: str
+    channel: str, url: str | None, email: str | None, mode: str, budget: object = None
 ) -> list[tuple[str, str]]:
     """Field-level problems of a subscription's channel settings, as (field, message)."""
     problems = []
@@ -156,6 +175,8 @@ def channel_problems(
         problems.append(("channel", "a log subscription has neither url nor email"))
     if mode != "instant" and channel != "email":
         problems.append(("mode", "hourly and daily digests are for email subscriptions"))
+    if mode != "instant" and budget is not None:
+        problems.append(("budget", "a digest sends one email per period: it has no budget"))
     return problems
 
 
@@ -172,6 +193,9 @@ class SubscriptionPublic(BaseModel):
     topics: list[str]
     min_score: float
     mode: Mode
+    grouping: Grouping
+    budget: Budget | None
+    quiet_hours: QuietHours | None
     active: bool
     paused: bool
     paused_reason: str | None

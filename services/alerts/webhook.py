@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from newsmon.alerts.channels import held, held_summary
 from newsmon.alerts.delivery_store import Delivery
 from newsmon.alerts.policy import Outcome, webhook_outcome
 from newsmon.alerts.signing import signature_headers
@@ -377,19 +378,22 @@ class WebhookChannel:
         return self._settings.webhook_retry_delays_s
 
     async def send(self, sub: Subscription, rows: list[Delivery]) -> Outcome:
-        """POST one signed attempt of ``rows[0]`` under one total deadline."""
+        """POST one signed attempt of ``rows[0]``, or of the summary of held ``rows``, under
+        one total deadline."""
         assert sub.url is not None and sub.secret is not None
-        delivery = rows[0]
+        message_id, payload = (
+            held_summary(sub, rows) if held(rows) else (rows[0].id, rows[0].payload)
+        )
         now = utcnow()
         headers = signature_headers(
             sub.secret,
-            delivery.id,
+            message_id,
             int(now.timestamp()),
-            delivery.payload,
+            payload,
             previous=sub.previous_secret_at(now),
         )
         if self._client is not None:
-            return await self._send_with_client(sub.url, delivery.payload, headers)
+            return await self._send_with_client(sub.url, payload, headers)
         timeout = self._timeout
         deadline = asyncio.timeout(timeout)
         started = time.monotonic()
@@ -399,7 +403,7 @@ class WebhookChannel:
                 target = self._target(sub.url)
                 address = await self._check(target)
                 key = (target.scheme, target.host, address, target.port)
-                request = _request(target, delivery.payload, headers)
+                request = _request(target, payload, headers)
                 conn = self._pool.take(key) or await self._connect(target, address)
                 response = await conn.exchange(request)
                 if response.reusable:
