@@ -1,11 +1,23 @@
-"""Who may use the operator API: bearer API keys with a role, and a rate limit per key.
+"""Who may use the operator API: bearer API keys with a role, the console's session cookies
+made from them, and a rate limit per key.
 
 Plain logic only; ``api.py`` turns the decisions into HTTP responses.
+
+A console session is a signed, stateless cookie: base64url of ``[key name, expiry, nonce]`` as
+JSON, a dot, and an HMAC-SHA256 tag under a key derived from that API key's own secret. Nothing
+is stored: every process with the same keys accepts the same sessions, and removing or changing
+a key ends its sessions. The CSRF token is another HMAC of the session's nonce; the page sends it
+in ``X-CSRF-Token`` with every request that is not a plain read.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import hmac
+import json
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -57,6 +69,92 @@ def authorize(
     if writes and key.role != "admin":
         return Decision(403, key, f"key {key.name!r} is read-only")
     return Decision(200, key)
+
+
+SESSION_COOKIE = "newsmon_session"
+CSRF_HEADER = "x-csrf-token"
+_SESSION_DOMAIN = b"newsmon console session v1\x00"
+_CSRF_DOMAIN = b"newsmon console csrf v1\x00"
+_MAX_SESSION_CHARS = 512
+
+
+@dataclass(frozen=True)
+class Session:
+    """A console session: whose key it stands for, until when, and its CSRF token."""
+
+    key: ApiKey
+    expires_at: float  # Unix seconds
+    csrf: str
+
+
+def _session_key(key: ApiKey) -> bytes:
+    # Derived, so that a cookie's tag says nothing usable about the API key itself.
+    return hmac.new(key.key.encode(), _SESSION_DOMAIN, hashlib.sha256).digest()
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _csrf(key: ApiKey, nonce: str) -> str:
+    return _b64(hmac.new(_session_key(key), _CSRF_DOMAIN + nonce.encode(), hashlib.sha256).digest())
+
+
+def make_session(
+    key: ApiKey, lifetime_s: float, *, now: float | None = None
+) -> tuple[str, Session]:
+    """A new session for ``key``: the cookie's value, and the session it stands for."""
+    expires = int((time.time() if now is None else now) + lifetime_s)
+    nonce = secrets.token_urlsafe(16)
+    body = _b64(json.dumps([key.name, expires, nonce], separators=(",", ":")).encode())
+    tag = _b64(hmac.new(_session_key(key), body.encode(), hashlib.sha256).digest())
+    return f"{body}.{tag}", Session(key, float(expires), _csrf(key, nonce))
+
+
+@dataclass(frozen=True)
+class SessionCheck:
+    status: int  # 200 a valid session, 401 not one (forged, expired, of a removed key)
+    session: Session | None = None
+    reason: str = ""
+
+
+def check_session(keys: list[ApiKey], cookie: str, *, now: float | None = None) -> SessionCheck:
+    """The session a cookie carries, if one of ``keys`` signed it and it has not expired."""
+    refused = SessionCheck(401, reason="not a valid console session: log in again")
+    body, dot, tag = cookie.partition(".")
+    if not dot or len(cookie) > _MAX_SESSION_CHARS:
+        return refused
+    try:
+        name, expires, nonce = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    except (ValueError, TypeError, binascii.Error):
+        return refused
+    if not (isinstance(name, str) and isinstance(expires, int) and isinstance(nonce, str)):
+        return refused
+    key = next((k for k in keys if k.name == name), None)
+    if key is None:
+        return refused
+    expected = _b64(hmac.new(_session_key(key), body.encode(), hashlib.sha256).digest())
+    if not hmac.compare_digest(expected.encode(), tag.encode("utf-8", "replace")):
+        return refused
+    if (time.time() if now is None else now) >= expires:
+        return SessionCheck(401, reason="console session expired: log in again")
+    return SessionCheck(200, Session(key, float(expires), _csrf(key, nonce)))
+
+
+def authorize_session(
+    session: Session, csrf: str | None, method: str, *, changes: bool | None = None
+) -> Decision:
+    """Decide a request made with a session cookie: as its key would be, and every request
+    that is not a plain read must carry the session's CSRF token (a page on another site can
+    make the browser send the cookie, but cannot read the token)."""
+    if method.upper() not in READ_METHODS and not (
+        csrf and hmac.compare_digest(csrf.encode("utf-8", "replace"), session.csrf.encode())
+    ):
+        return Decision(403, session.key, "missing or wrong CSRF token (X-CSRF-Token)")
+    writes = method.upper() not in READ_METHODS if changes is None else changes
+    if writes and session.key.role != "admin":
+        return Decision(403, session.key, f"key {session.key.name!r} is read-only")
+    return Decision(200, session.key)
 
 
 @dataclass

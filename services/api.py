@@ -9,16 +9,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response, status
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import PlainTextResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from newsmon import metrics
-from newsmon.access import ApiKey, RateLimiter, authorize
+from newsmon.access import (
+    CSRF_HEADER,
+    SESSION_COOKIE,
+    ApiKey,
+    RateLimiter,
+    authorize,
+    authorize_session,
+    check_session,
+)
 from newsmon.settings import Settings
 
 
@@ -34,8 +46,12 @@ def build_app(
         title="newsmon",
         summary="News monitoring: feeds in, topic matches out, as signed webhooks.",
         version="0.1.0",
+        # Served from the package below: FastAPI's own pages load their scripts from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.add_middleware(BodyLimit, max_bytes=settings.api_max_body_bytes)
+    _offline_docs(app)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
@@ -65,6 +81,39 @@ def build_app(
     for router in public_routers:
         app.include_router(router, dependencies=[open_guard])
     return app
+
+
+# Swagger UI and ReDoc, as the fastapi-offline package ships them: nothing of /docs comes
+# from another host, so the page works on a machine without internet.
+DOCS_ASSETS = Path(str(files("fastapi_offline") / "static"))
+_DOCS_STATIC = "/docs/assets"
+
+
+def _offline_docs(app: FastAPI) -> None:
+    app.mount(_DOCS_STATIC, StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
+    favicon = f"{_DOCS_STATIC}/favicon.png"
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="newsmon API",
+            swagger_js_url=f"{_DOCS_STATIC}/swagger-ui-bundle.js",
+            swagger_css_url=f"{_DOCS_STATIC}/swagger-ui.css",
+            swagger_favicon_url=favicon,
+            # The validator badge would send the schema's URL to validator.swagger.io.
+            swagger_ui_parameters={"validatorUrl": None},
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url="/openapi.json",
+            title="newsmon API",
+            redoc_js_url=f"{_DOCS_STATIC}/redoc.standalone.js",
+            redoc_favicon_url=favicon,
+            with_google_fonts=False,
+        )
 
 
 def unprocessable(
@@ -102,12 +151,22 @@ def _guard(keys: list[ApiKey], limiter: RateLimiter) -> Callable[[Request], Awai
         address = request.client.host if request.client else "?"
         if keys:
             extra = getattr(request.scope.get("route"), "openapi_extra", None) or {}
-            decision = authorize(
-                keys,
-                request.headers.get("authorization"),
-                request.method,
-                changes=False if extra.get(READ_ONLY_KEY) else None,
-            )
+            changes = False if extra.get(READ_ONLY_KEY) else None
+            cookie = request.cookies.get(SESSION_COOKIE)
+            if cookie and not request.headers.get("authorization"):
+                # The console: a session cookie stands for its key, with a CSRF token.
+                checked = check_session(keys, cookie)
+                if checked.session is None:
+                    limit(f"failed:{address}")
+                    raise HTTPException(401, checked.reason)
+                decision = authorize_session(
+                    checked.session, request.headers.get(CSRF_HEADER), request.method,
+                    changes=changes,
+                )  # fmt: skip
+            else:
+                decision = authorize(
+                    keys, request.headers.get("authorization"), request.method, changes=changes
+                )
             if decision.status == 401:
                 # Guessing keys costs tokens too: failures are limited per client address.
                 limit(f"failed:{address}")

@@ -18,6 +18,7 @@ import uvicorn
 from fastapi import APIRouter
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from newsmon import console
 from newsmon.api import build_app
 from newsmon.bus import Bus, open_bus
 from newsmon.db import database_ready, open_engine
@@ -137,7 +138,8 @@ async def serve(
             [r for part in parts for r in part.routers],
             readiness,
             settings,
-            [r for part in parts for r in part.public],
+            # The console's page and login are public; what it shows passes the API guard.
+            [*(r for part in parts for r in part.public), console.build_router(settings)],
         )
         server = _Server(
             uvicorn.Config(

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     api_rate_per_minute: float = Field(600.0, gt=0, description="requests per minute per key")
     api_rate_burst: int = Field(60, ge=1)
     api_max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    console_session_hours: float = Field(
+        12.0, gt=0, le=24 * 30, description="how long a console login lasts"
+    )
 
     # Read on the first start only, to fill an empty database.
     feeds_file: SeedsFile = Field(SEEDS / "feeds.toml", validate_default=True)

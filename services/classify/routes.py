@@ -30,6 +30,7 @@ from newsmon.classify.schemas import (
     ScoreResponse,
     StoryPage,
     StoryView,
+    TopicHistory,
 )
 from newsmon.classify.service import (
     ArticleNotFound,
@@ -84,31 +85,31 @@ def build_router(service: ClassifyService) -> APIRouter:
         return await answer(service.topic(slug))
 
     @router.post("/topics", status_code=status.HTTP_201_CREATED)
-    async def create_topic(definition: TopicDefinition) -> Topic:
+    async def create_topic(definition: TopicDefinition, request: Request) -> Topic:
         """Create a topic at version 1 (or the next version of a deleted slug)."""
         try:
-            return await service.create_topic(definition)
+            return await service.create_topic(definition, actor=_actor(request))
         except TopicConflict as exc:
             raise unprocessable([("slug", str(exc))]) from exc
 
     @router.patch("/topics/{slug}")
-    async def update_topic(slug: str, update: TopicUpdate) -> Topic:
+    async def update_topic(slug: str, update: TopicUpdate, request: Request) -> Topic:
         """Change the fields given; the version goes up by one."""
-        return await answer(service.update_topic(slug, update))
+        return await answer(service.update_topic(slug, update, actor=_actor(request)))
 
     @router.delete("/topics/{slug}", status_code=status.HTTP_204_NO_CONTENT)
-    async def delete_topic(slug: str) -> Response:
+    async def delete_topic(slug: str, request: Request) -> Response:
         """Delete a topic; its past matches stay, attributed to their version."""
-        await answer(service.delete_topic(slug))
+        await answer(service.delete_topic(slug, actor=_actor(request)))
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
     @router.post("/topics/{slug}/enable")
-    async def enable_topic(slug: str) -> Topic:
-        return await answer(service.set_enabled(slug, True))
+    async def enable_topic(slug: str, request: Request) -> Topic:
+        return await answer(service.set_enabled(slug, True, actor=_actor(request)))
 
     @router.post("/topics/{slug}/disable")
-    async def disable_topic(slug: str) -> Topic:
-        return await answer(service.set_enabled(slug, False))
+    async def disable_topic(slug: str, request: Request) -> Topic:
+        return await answer(service.set_enabled(slug, False, actor=_actor(request)))
 
     @router.post("/topics/{slug}/preview", openapi_extra=READ_ONLY)
     async def preview_topic(
@@ -130,9 +131,17 @@ def build_router(service: ClassifyService) -> APIRouter:
             raise unprocessable_model(exc) from exc
 
     @router.post("/topics/{slug}/publish")
-    async def publish_topic(slug: str) -> Topic:
+    async def publish_topic(slug: str, request: Request) -> Topic:
         """Make a draft topic live (a new version); a live topic is answered as it is."""
-        return await answer(service.publish(slug))
+        return await answer(service.publish(slug, actor=_actor(request)))
+
+    @router.get("/topics/{slug}/history")
+    async def topic_history(
+        slug: str, limit: Annotated[int, Query(ge=1, le=500)] = 50
+    ) -> TopicHistory:
+        """The topic's versions, newest first: what made each (an edit, a label, publishing),
+        who, when, and the fields it changed, before and after."""
+        return await answered(service.history(slug, limit=limit))
 
     @router.post("/topics/{slug}/backfill")
     async def backfill_topic(slug: str, request: BackfillRequest) -> Backfill:

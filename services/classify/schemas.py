@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -68,6 +69,19 @@ class PreviewArticle(BaseModel):
     evidence: Evidence
 
 
+HISTOGRAM_BINS = 100
+
+
+class ScoreHistogram(BaseModel):
+    """How the replayed articles score under the draft: ``counts[i]`` articles score in
+    ``[i / bins, (i + 1) / bins)`` (the last bin holds 1.0 too), so the articles that match at
+    a threshold of two decimals ``t`` are exactly those in the bins from ``t * bins`` up."""
+
+    bins: int = HISTOGRAM_BINS
+    counts: list[int]
+    vetoed: int = Field(description="articles the keyword constraints rule out at any threshold")
+
+
 class Preview(BaseModel):
     slug: str
     current_version: int | None
@@ -76,6 +90,42 @@ class Preview(BaseModel):
     matching_with_draft: int
     would_match: list[PreviewArticle] = Field(description="articles the draft adds")
     would_stop_matching: list[PreviewArticle] = Field(description="articles the draft drops")
+    histogram: ScoreHistogram = Field(description="the draft's scores of the replayed articles")
+
+
+class FieldChange(BaseModel):
+    before: Any
+    after: Any
+
+
+class HistoryLabel(BaseModel):
+    article_id: str
+    title: str
+    relevant: bool
+    undone: bool
+
+
+class TopicVersion(BaseModel):
+    """One version of a topic: what made it, who, when, and what it changed."""
+
+    version: int
+    change: str = Field(
+        description="created, updated, enabled, disabled, published, deleted, "
+        "labelled, label undone"
+    )
+    at: datetime | None
+    actor: str | None
+    changes: dict[str, FieldChange] = Field(description="the definition's fields that changed")
+    labels: list[HistoryLabel] = Field(description="the labels given in this version")
+
+
+class TopicHistory(BaseModel):
+    slug: str
+    version: int
+    items: list[TopicVersion] = Field(
+        description="newest first; versions made before history "
+        "was kept, or by labels only, may be missing"
+    )
 
 
 class LabelRequest(BaseModel):
