@@ -656,7 +656,9 @@ class ClassifyService:
             total=page.total,
             limit=limit,
             offset=offset,
-            items=[StorySummary.model_validate(item) for item in page.items],
+            items=[
+                StorySummary.model_validate({**item, "story_id": item["id"]}) for item in page.items
+            ],
         )
 
     async def story(self, story_id: str) -> StoryView:
@@ -665,7 +667,7 @@ class ClassifyService:
         if found is None:
             raise StoryNotFound(f"no story {story_id!r} (stories expire after their last article)")
         row, articles = found
-        return StoryView.model_validate({**row, "articles": articles})
+        return StoryView.model_validate({**row, "story_id": row["id"], "articles": articles})
 
     async def topic_changed(self, topic: Topic, change: str) -> None:
         """Reload here, then tell every other classify process."""

@@ -857,11 +857,13 @@ async def assign_stories(engine: AsyncEngine, inputs: Sequence[StoryInput]) -> d
                 fresh.append(item)
                 seen.add(item.candidate.article_id)
         clock = max(i.candidate.at for i in inputs)
+        # Open for the batch's earliest article: a batch may span days of news.
+        earliest = min((i.candidate.at for i in fresh), default=clock)
         open_rows = [
             dict(row._mapping)
             for row in await conn.execute(
                 select(stories_table)
-                .where(stories_table.c.last_seen >= clock - stories.WINDOW)
+                .where(stories_table.c.last_seen >= earliest - stories.WINDOW)
                 .order_by(stories_table.c.last_seen.desc())
                 .limit(MAX_OPEN_STORIES)
             )
