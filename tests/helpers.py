@@ -45,6 +45,7 @@ from newsmon.events import (
     Article,
     ArticleMatched,
     Evidence,
+    StoryRef,
     TopicScore,
 )
 from newsmon.settings import Settings
@@ -393,6 +394,38 @@ def matched(article_id: str = "a1", topics: dict[str, float] | None = None) -> A
     )  # fmt: skip
 
 
+def in_story(
+    event: ArticleMatched,
+    story_id: str,
+    count: int,
+    *,
+    update: bool = False,
+    new: Sequence[str] = (),
+) -> ArticleMatched:
+    """``event`` as a producer that groups stories sends it: its article is the story's
+    ``count``-th, a development of it when ``update``."""
+    story = StoryRef(
+        story_id=story_id,
+        title=f"Story {story_id}",
+        article_count=count,
+        first_seen=datetime(2026, 1, 1, tzinfo=UTC),
+        update=update,
+        new=list(new),
+        reason="test",
+    )
+    return event.model_copy(update={"story": story})
+
+
+@dataclass
+class Clock:
+    """A "now" that a test moves by hand (``AlertsService(clock=…)``)."""
+
+    now: datetime
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
 def message(event: ArticleMatched | bytes, offset: int = 0) -> Message:
     value = event if isinstance(event, bytes) else event.encode()
     return Message(ARTICLES_MATCHED, 0, offset, None, value)
@@ -483,9 +516,11 @@ async def alerts(
     engine: Any,
     seeds: Sequence[Subscription] = (),
     resolver: Resolver | None = None,
+    clock: Callable[[], datetime] | None = None,
     **settings: Any,
 ) -> AsyncIterator[tuple[AlertsService, httpx.AsyncClient]]:
-    """The alerts service running, and a client of the HTTP API app that serves its routes."""
+    """The alerts service running, and a client of the HTTP API app that serves its routes;
+    ``clock`` is its "now" (quiet hours, budgets, due work) where a test moves time by hand."""
     from newsmon.alerts.routes import build_public_router, build_router
     from newsmon.alerts.service import AlertsService
     from newsmon.api import build_app
@@ -496,8 +531,9 @@ async def alerts(
         "webhook_retry_jitter": 0, "api_rate_burst": 10**6, **settings,
     })  # fmt: skip
     service = AlertsService(
-        config, MemoryBus(), engine, seeds, resolver=resolver or system_resolver
-    )
+        config, MemoryBus(), engine, seeds, resolver=resolver or system_resolver,
+        **({"clock": clock} if clock else {}),
+    )  # fmt: skip
 
     async def ready() -> dict[str, bool]:
         return {}
