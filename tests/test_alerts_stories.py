@@ -23,7 +23,16 @@ from newsmon.alerts.tables import deliveries
 from newsmon.bus import MemoryBus
 from newsmon.db import open_engine
 from newsmon.settings import Settings
-from tests.helpers import SECRET, Receiver, alerts, in_story, matched, message, serve_receiver, until
+from tests.helpers import (
+    SECRET,
+    Receiver,
+    alerts,
+    in_story,
+    matched,
+    message,
+    serve_receiver,
+    until,
+)
 
 
 @pytest.fixture

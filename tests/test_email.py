@@ -18,9 +18,19 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from newsmon.alerts.delivery_store import delivery_id
+from newsmon.alerts.schedule import QuietHours
 from newsmon.alerts.subscriptions import Subscription
 from newsmon.events import Article, ArticleMatched, Evidence, TopicScore
-from tests.helpers import alerts, free_port, matched, message, status_is, until
+from tests.helpers import (
+    Clock,
+    alerts,
+    free_port,
+    in_story,
+    matched,
+    message,
+    status_is,
+    until,
+)
 
 ADDRESS = "analyst@example.org"
 
@@ -209,3 +219,50 @@ async def test_smtp_auth_is_used_when_configured(engine: Any, smtp: tuple[Mailbo
         await service.handle_batch([message(matched())])
         await until(lambda: len(box.messages) == 1)
     assert box.logins == ["newsmon"]
+
+
+async def test_every_email_names_the_story_and_its_article_count(
+    engine: Any, smtp: tuple[Mailbox, int]
+) -> None:
+    box, port = smtp
+    update = in_story(matched("a2"), "story-7", 5, update=True, new=["extradited on Friday"])
+    async with alerts(engine, [subscriber()], **mail_settings(port)) as (service, _):
+        await service.handle_batch([message(in_story(matched("a1"), "story-7", 4))])
+        await service.handle_batch([message(update, 1)])
+        await until(lambda: len(box.messages) == 2)
+    (_, first), (_, second) = box.messages
+    assert "story: story-7 (4 articles)" in first.get_body(("plain",)).get_content()
+    assert "Story story-7 (4 articles)" in first.get_body(("html",)).get_content()
+    assert second["Subject"] == "[newsmon] fentanyl: update: Title a2"
+    text = second.get_body(("plain",)).get_content()
+    assert "story: story-7 (5 articles), updated: extradited on Friday" in text
+
+
+async def test_quiet_hours_hold_instant_emails_for_one_digest_at_their_end(
+    engine: Any, smtp: tuple[Mailbox, int]
+) -> None:
+    """New York's fall-back night (2026-11-01): quiet 22:00-07:00 ends at 07:00 EST, 12:00
+    UTC; what matched overnight comes as one email then, story by story."""
+    box, port = smtp
+    quiet = QuietHours(start="22:00", end="07:00", timezone="America/New_York")
+    sub = Subscription(id="mail", channel="email", email=ADDRESS, quiet_hours=quiet)
+    clock = Clock(datetime(2026, 11, 1, 3, 0, tzinfo=UTC))  # 23:00 EDT
+    settings = mail_settings(port)
+    async with alerts(engine, [sub], clock=clock, **settings) as (service, _):
+        await service.handle_batch([message(in_story(matched("a1"), "s-1", 1))])
+        await service.handle_batch([message(in_story(matched("a2"), "s-1", 2), 1)])  # same story
+        await service.handle_batch([message(in_story(matched("a3"), "s-2", 3), 2)])
+        clock.now = datetime(2026, 11, 1, 11, 0, tzinfo=UTC)  # 06:00 EST: still quiet
+        service.wake()
+        await asyncio.sleep(0.5)
+        assert box.messages == []
+        clock.now = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+        service.wake()
+        await until(lambda: len(box.messages) == 1)
+        await asyncio.sleep(0.5)
+    assert len(box.messages) == 1
+    _, mail = box.messages[0]
+    assert mail["Subject"] == "[newsmon] quiet hours digest: 2 new alerts"
+    text = mail.get_body(("plain",)).get_content()
+    assert "Title a1" in text and "Title a3" in text and "Title a2" not in text
+    assert "story: s-1 (1 article)" in text and "story: s-2 (3 articles)" in text

@@ -239,3 +239,73 @@ async def test_the_seeds_file_is_loaded_on_the_first_start_only(engine: Any) -> 
         assert (await api.delete("/subscriptions/console")).status_code == 204
     async with alerts(engine, seeds) as (_, api):
         assert (await api.get("/subscriptions")).json() == []
+
+
+QUIET = {"start": "22:00", "end": "07:00", "timezone": "Europe/Berlin", "breaks_through": 0.95}
+
+
+async def test_grouping_budget_and_quiet_hours_are_set_read_changed_and_removed(
+    engine: Any,
+) -> None:
+    async with alerts(engine) as (_, api):
+        plain = (await api.post("/subscriptions", json={"channel": "log", "id": "plain"})).json()
+        assert (plain["grouping"], plain["budget"], plain["quiet_hours"]) == ("story", None, None)
+        created = await api.post(
+            "/subscriptions",
+            json={
+                "channel": "log", "id": "calm", "grouping": "article",
+                "budget": {"max_alerts": 5, "per": "day", "timezone": "America/New_York"},
+                "quiet_hours": QUIET,
+            },
+        )  # fmt: skip
+        assert created.status_code == 201, created.text
+        shown = (await api.get("/subscriptions/calm")).json()
+        assert shown["grouping"] == "article"
+        assert shown["budget"] == {"max_alerts": 5, "per": "day", "timezone": "America/New_York"}
+        assert shown["quiet_hours"] == QUIET
+        changed = await api.patch(
+            "/subscriptions/calm",
+            json={"budget": {"max_alerts": 2, "per": "hour"}, "quiet_hours": None},
+        )
+        assert changed.status_code == 200, changed.text
+        assert changed.json()["budget"] == {"max_alerts": 2, "per": "hour", "timezone": "UTC"}
+        assert changed.json()["quiet_hours"] is None
+        again = (await api.get("/subscriptions/calm")).json()
+        assert again["budget"]["max_alerts"] == 2 and again["quiet_hours"] is None
+        assert (await api.patch("/subscriptions/calm", json={"budget": None})).json()[
+            "budget"
+        ] is None
+
+
+async def test_invalid_schedules_get_field_level_422s(engine: Any) -> None:
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"quiet_hours": {**QUIET, "timezone": "Europe/Atlantis"}}, "timezone"),
+        ({"quiet_hours": {**QUIET, "timezone": "/etc/localtime"}}, "timezone"),
+        ({"quiet_hours": {**QUIET, "start": "25:00"}}, "start"),
+        ({"quiet_hours": {**QUIET, "end": "22:00"}}, "quiet_hours"),
+        ({"quiet_hours": {**QUIET, "breaks_through": 2}}, "breaks_through"),
+        ({"quiet_hours": {**QUIET, "colour": "red"}}, "colour"),
+        ({"budget": {"max_alerts": 0, "per": "hour"}}, "max_alerts"),
+        ({"budget": {"max_alerts": 3, "per": "fortnight"}}, "per"),
+        ({"budget": {"max_alerts": 3, "per": "day", "timezone": "Moon/Base"}}, "timezone"),
+        ({"grouping": "thread"}, "grouping"),
+    ]
+    async with alerts(engine) as (_, api):
+        for extra, field in cases:
+            response = await api.post("/subscriptions", json={"channel": "log", **extra})
+            assert response.status_code == 422, (extra, response.text)
+            locs = [e["loc"] for e in response.json()["detail"]]
+            assert any(field in loc for loc in locs), (extra, response.text)
+        digest = {"channel": "email", "email": "a@example.org", "mode": "daily"}
+        response = await api.post(
+            "/subscriptions", json={**digest, "budget": {"max_alerts": 3, "per": "hour"}}
+        )
+        assert response.status_code == 422
+        assert response.json()["detail"][0]["loc"][-1] == "budget"
+        assert (await api.post("/subscriptions", json={**digest, "id": "d"})).status_code == 201
+        patched = await api.patch(
+            "/subscriptions/d", json={"budget": {"max_alerts": 3, "per": "hour"}}
+        )
+        assert patched.status_code == 422 and "budget" in patched.text
+        assert (await api.patch("/subscriptions/d", json={"grouping": None})).status_code == 422
+        assert [s["id"] for s in (await api.get("/subscriptions")).json()] == ["d"]

@@ -1,0 +1,215 @@
+"""Budgets and quiet hours through the running service, with a clock the test moves by hand:
+held alerts go out together, as one signed ``alerts.summary`` webhook, once, whatever restarts
+or other processes there are meanwhile. A real loopback receiver, SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from newsmon.alerts.delivery_store import delivery_id
+from newsmon.alerts.payload import summary_id
+from newsmon.alerts.schedule import Budget, QuietHours
+from newsmon.alerts.service import AlertsService
+from newsmon.alerts.signing import verify
+from newsmon.alerts.subscriptions import Subscription
+from newsmon.bus import MemoryBus
+from newsmon.db import open_engine
+from newsmon.settings import Settings
+from tests.helpers import (
+    SECRET,
+    Clock,
+    Receiver,
+    alerts,
+    in_story,
+    matched,
+    message,
+    serve_receiver,
+    until,
+)
+
+HOURLY = Budget(max_alerts=2, per="hour")
+NIGHTS = QuietHours(start="22:00", end="07:00", timezone="Europe/Berlin", breaks_through=0.95)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    async with serve_receiver() as r:
+        yield r
+
+
+def hook(receiver: Receiver, **kw: Any) -> Subscription:
+    return Subscription(id="s1", channel="webhook", url=receiver.url(), secret=SECRET, **kw)
+
+
+def utc(*args: int) -> datetime:
+    return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
+
+
+def article(article_id: str, score: float = 0.8) -> Any:
+    return message(in_story(matched(article_id, {"fentanyl": score}), f"story-{article_id}", 1))
+
+
+def bodies(receiver: Receiver) -> list[dict[str, Any]]:
+    return [json.loads(h.body) for h in receiver.hits]
+
+
+async def held(api: httpx.AsyncClient) -> list[dict[str, Any]]:
+    listed: list[dict[str, Any]] = (await api.get("/deliveries?status=held")).json()
+    return listed
+
+
+async def at(clock: Clock, service: AlertsService, now: datetime) -> None:
+    """Move the clock and let the dispatcher look."""
+    clock.now = now
+    service.wake()
+    await asyncio.sleep(0.3)
+
+
+async def test_alerts_over_the_budget_go_in_one_summary_when_the_hour_ends(
+    engine: Any, receiver: Receiver
+) -> None:
+    clock = Clock(utc(2026, 5, 1, 10, 5))
+    async with alerts(engine, [hook(receiver, budget=HOURLY)], clock=clock) as (service, api):
+        assert await service.handle_batch([article(f"a{i}") for i in range(5)]) == 5
+        await until(lambda: len(receiver.hits) == 2)
+        waiting = await held(api)
+        assert sorted(d["article_id"] for d in waiting) == ["a2", "a3", "a4"]
+        assert {(d["held_reason"], d["next_attempt_at"]) for d in waiting} == {
+            ("budget", "2026-05-01T11:00:00Z")
+        }
+        await at(clock, service, utc(2026, 5, 1, 10, 59, 59))
+        assert len(receiver.hits) == 2
+        await at(clock, service, utc(2026, 5, 1, 11, 0))
+        await until(lambda: len(receiver.hits) == 3)
+        # The new hour has a new budget: the next alert goes at once.
+        await at(clock, service, utc(2026, 5, 1, 11, 5))
+        await service.handle_batch([article("a5")])
+        await until(lambda: len(receiver.hits) == 4)
+        await asyncio.sleep(0.3)
+        assert await held(api) == []
+    kinds = [b["type"] for b in bodies(receiver)]
+    assert kinds == ["article.matched", "article.matched", "alerts.summary", "article.matched"]
+    summary = bodies(receiver)[2]["data"]
+    assert summary["held_for"] == ["budget"] and summary["count"] == 3
+    assert [a["article"]["id"] for a in summary["alerts"]] == ["a2", "a3", "a4"]
+    assert all(a["story"]["article_count"] == 1 and a["feedback"] for a in summary["alerts"])
+    ids = [delivery_id("s1", f"a{i}", "fentanyl") for i in (2, 3, 4)]
+    assert [a["delivery_id"] for a in summary["alerts"]] == ids
+    hit = receiver.hits[2]
+    assert hit.headers["webhook-id"] == summary_id(ids)
+    assert verify(SECRET, hit.headers, hit.body, now=int(time.time()))
+
+
+async def test_a_restart_mid_period_sends_the_held_summary_exactly_once(
+    engine: Any, receiver: Receiver
+) -> None:
+    """The budget's count and the held alerts are in the database: a new instance on it holds
+    what the old one would have held, and the summary goes once."""
+    sub = hook(receiver, budget=HOURLY)
+    clock = Clock(utc(2026, 5, 1, 10, 5))
+    async with alerts(engine, [sub], clock=clock) as (service, _):
+        await service.handle_batch([article(f"a{i}") for i in range(3)])
+        await until(lambda: len(receiver.hits) == 2)
+    clock.now = utc(2026, 5, 1, 10, 30)
+    async with alerts(engine, [sub], clock=clock) as (service, api):
+        assert await service.handle_batch([article("a3"), article("a4")]) == 2
+        await asyncio.sleep(0.3)
+        assert len(receiver.hits) == 2  # the budget was spent before the restart
+        assert len(await held(api)) == 3
+        # The bus redelivers what the old instance recorded: nothing changes.
+        assert await service.handle_batch([article("a0"), article("a2")]) == 0
+        await at(clock, service, utc(2026, 5, 1, 11, 0, 1))
+        await until(lambda: len(receiver.hits) == 3)
+    clock.now = utc(2026, 5, 1, 11, 10)
+    async with alerts(engine, [sub], clock=clock) as (service, api):
+        await at(clock, service, utc(2026, 5, 1, 12, 30))
+        assert await held(api) == []
+    assert len(receiver.hits) == 3
+    summary = bodies(receiver)[2]
+    assert summary["type"] == "alerts.summary"
+    assert [a["article"]["id"] for a in summary["data"]["alerts"]] == ["a2", "a3", "a4"]
+
+
+async def test_quiet_hours_hold_until_the_local_morning_across_the_spring_forward_night(
+    engine: Any, receiver: Receiver
+) -> None:
+    """Berlin, 2026-03-29: the clocks skip 02:00-03:00. Alerts from 23:30 CET wait for 07:00
+    CEST (05:00 UTC), across a restart; one that breaks through goes at once."""
+    sub = hook(receiver, quiet_hours=NIGHTS)
+    clock = Clock(utc(2026, 3, 28, 22, 30))  # 23:30 CET
+    async with alerts(engine, [sub], clock=clock) as (service, api):
+        assert await service.handle_batch([article("a1"), article("urgent", 0.97)]) == 2
+        await until(lambda: len(receiver.hits) == 1)
+        assert bodies(receiver)[0]["data"]["article"]["id"] == "urgent"
+        assert [(d["held_reason"], d["next_attempt_at"]) for d in await held(api)] == [
+            ("quiet_hours", "2026-03-29T05:00:00Z")
+        ]
+    clock.now = utc(2026, 3, 29, 1, 30)  # 03:30 CEST: after the jump, still quiet
+    async with alerts(engine, [sub], clock=clock) as (service, api):
+        await service.handle_batch([article("a2")])
+        await at(clock, service, utc(2026, 3, 29, 4, 59, 59))  # 06:59:59 CEST
+        assert len(receiver.hits) == 1 and len(await held(api)) == 2
+        await at(clock, service, utc(2026, 3, 29, 5, 0))
+        await until(lambda: len(receiver.hits) == 2)
+        await at(clock, service, utc(2026, 3, 29, 6, 0))
+    assert len(receiver.hits) == 2
+    summary = bodies(receiver)[1]["data"]
+    assert summary["held_for"] == ["quiet_hours"]
+    assert [a["article"]["id"] for a in summary["alerts"]] == ["a1", "a2"]
+
+
+async def test_quiet_hours_end_at_the_local_morning_of_the_fall_back_night(
+    engine: Any, receiver: Receiver
+) -> None:
+    """Berlin, 2026-10-25: 02:00-03:00 comes twice. Quiet until 07:00 CET = 06:00 UTC, not
+    05:00 UTC (07:00 by the evening's offset)."""
+    clock = Clock(utc(2026, 10, 25, 1, 15))  # 02:15, the second time
+    async with alerts(engine, [hook(receiver, quiet_hours=NIGHTS)], clock=clock) as (service, _):
+        await service.handle_batch([article("a1")])
+        await at(clock, service, utc(2026, 10, 25, 5, 0))
+        assert receiver.hits == []
+        await at(clock, service, utc(2026, 10, 25, 6, 0))
+        await until(lambda: len(receiver.hits) == 1)
+    assert bodies(receiver)[0]["type"] == "alerts.summary"
+
+
+async def test_two_processes_at_the_release_send_one_summary(
+    engine: Any, receiver: Receiver
+) -> None:
+    """Two alerts processes share the database; both see the held alerts fall due at once."""
+    url = engine.url.render_as_string(hide_password=False)
+    other = open_engine(url)
+    sub = hook(receiver, quiet_hours=NIGHTS)
+    clock = Clock(utc(2026, 1, 14, 23, 0))
+    config = Settings(webhook_retry_delays_s=[0.2], webhook_timeout_s=2)
+    services = [
+        AlertsService(config, MemoryBus(), eng, [sub], clock=clock) for eng in (engine, other)
+    ]
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(s.run(stop)) for s in services]
+    try:
+        await services[0].ensure_seeded()
+        await services[0].handle_batch([article(f"a{i}") for i in range(4)])
+        await services[1].handle_batch([article(f"b{i}") for i in range(4)])
+        for round_ in range(3):  # at the release and after, both look, again and again
+            clock.now = utc(2026, 1, 15, 6, 0) + timedelta(seconds=round_)
+            for s in services:
+                s.wake()
+            await asyncio.sleep(0.3)
+        await until(lambda: len(receiver.hits) >= 1)
+        await asyncio.sleep(0.5)
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 15)
+        await other.dispose()
+    assert len(receiver.hits) == 1
+    summary = bodies(receiver)[0]["data"]
+    assert summary["count"] == 8
