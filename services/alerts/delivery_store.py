@@ -249,7 +249,8 @@ class DeliveryStore:
             select(deliveries)
             .where(
                 deliveries.c.subscription_id == sub_id,
-                deliveries.c.status == PENDING,
+                # Held too: alerts held before the subscription became a digest join it.
+                deliveries.c.status.in_(SENDABLE),
                 deliveries.c.next_attempt_at <= self._clock(),
             )
             .order_by(deliveries.c.created_at)
