@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: run test lint bench install install-dev clean
+.PHONY: run test lint bench screenshots install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ lint: install-dev
 	$(BIN)/lint-imports
 	@mkdir -p .cache/mypy && ln -sfn ../../services .cache/mypy/newsmon
 	$(BIN)/mypy
+
+## screenshots: the console's pages at 1080p and 375 px, into docs/console (needs chromium)
+screenshots: install-dev
+	NEWSMON_SCREENSHOTS=docs/console $(BIN)/pytest tests/test_console_browser.py -k every_page
 
 ## bench: every benchmark in bench/ (python -m bench.NAME); figures go to bench/results/*.json
 BENCHES = $(sort $(basename $(notdir $(wildcard bench/[a-z]*.py))))

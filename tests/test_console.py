@@ -112,7 +112,9 @@ async def test_a_cookie_reads_but_every_change_needs_the_csrf_token(
     missing = await client.post("/things", json={"text": "x"})
     assert missing.status_code == 403
     assert "CSRF" in missing.json()["detail"]
-    forged = await client.post("/things", json={"text": "x"}, headers={CSRF_HEADER: csrf[:-2] + "xx"})
+    forged = await client.post(
+        "/things", json={"text": "x"}, headers={CSRF_HEADER: csrf[:-2] + "xx"}
+    )
     assert forged.status_code == 403
     # Another session's token is no better.
     _, other = make_session(ADMIN, 60)
@@ -188,7 +190,12 @@ async def test_open_mode_needs_no_login() -> None:
 async def test_console_pages_carry_a_strict_content_security_policy(
     client: httpx.AsyncClient,
 ) -> None:
-    for path in ("/console", "/console/", "/console/static/console.js", "/console/static/console.css"):
+    for path in (
+        "/console",
+        "/console/",
+        "/console/static/console.js",
+        "/console/static/console.css",
+    ):
         response = await client.get(path)
         assert response.status_code == 200, path
         assert response.headers["content-security-policy"] == console.CSP

@@ -221,7 +221,8 @@ def build_router(service: ClassifyService) -> APIRouter:
             raise unprocessable([("q", "give words of the title (q) or a link")], where="query")
         return await service.find_articles(link=link, words=words[:10], limit=limit)
 
-    @router.get("/articles/{article_id}")
+    # ``:path``: article ids are often URLs (a guid, a canonical link), slashes and all.
+    @router.get("/articles/{article_id:path}")
     async def get_article(article_id: str) -> ArticleView:
         """A recently classified article with every live topic's score and evidence now, the
         decisions when it arrived, its matches and its labels."""

@@ -29,9 +29,12 @@ from newsmon.classify import store, stories
 from newsmon.classify.learning import logit
 from newsmon.classify.model import Embedder, SentenceTransformerEmbedder
 from newsmon.classify.schemas import (
+    HISTOGRAM_BINS,
     ArticleView,
     Backfill,
     Decision,
+    FieldChange,
+    HistoryLabel,
     Label,
     LabelPage,
     Match,
@@ -40,11 +43,14 @@ from newsmon.classify.schemas import (
     PreviewArticle,
     Review,
     ReviewItem,
+    ScoreHistogram,
     ScoreRequest,
     ScoreResponse,
     StoryPage,
     StorySummary,
     StoryView,
+    TopicHistory,
+    TopicVersion,
 )
 from newsmon.classify.scoring import (
     MAX_TEXT_CHARS,
@@ -58,7 +64,13 @@ from newsmon.classify.scoring import (
     score_topic,
 )
 from newsmon.classify.store import NewLabel, TopicConflict
-from newsmon.classify.topics import Topic, TopicDefinition, TopicUpdate, load_topics
+from newsmon.classify.topics import (
+    Topic,
+    TopicDefinition,
+    TopicUpdate,
+    check_keywords,
+    load_topics,
+)
 from newsmon.events import (
     ARTICLES_FETCHED,
     ARTICLES_FETCHED_DLQ,
@@ -152,6 +164,29 @@ def review_order(items: Sequence[ReviewItem], threshold: float) -> list[ReviewIt
     return ordered
 
 
+def score_histogram(articles: Sequence[EmbeddedArticle], index: TopicIndex) -> ScoreHistogram:
+    """The scores of ``articles`` under ``index``, binned; vetoed ones are only counted."""
+    counts = [0] * HISTOGRAM_BINS
+    vetoed = 0
+    for article in articles:
+        if not article.passages:
+            continue
+        if check_keywords(index.topic, article.text or " ".join(article.passages))[1]:
+            vetoed += 1
+            continue
+        score = score_topic(article.passages, article.vectors, index, article.text).score
+        # Scores carry four decimals: binned on those, a two-decimal threshold is a bin edge.
+        counts[min(HISTOGRAM_BINS - 1, round(score * 10_000) * HISTOGRAM_BINS // 10_000)] += 1
+    return ScoreHistogram(counts=counts, vetoed=vetoed)
+
+
+def _diff(before: Topic | None, after: Topic) -> dict[str, Any]:
+    """The definition's fields that differ, as JSON: ``{field: {"before", "after"}}``."""
+    old = before.model_dump(mode="json", exclude={"version"}) if before else {}
+    new = after.model_dump(mode="json", exclude={"version"})
+    return {k: {"before": old.get(k), "after": v} for k, v in new.items() if old.get(k) != v}
+
+
 class ClassifyService:
     name = "classify"
 
@@ -211,6 +246,14 @@ class ClassifyService:
                 return
             if await store.seed_topics(self.engine, self._seeds, self._seeds_source):
                 log.info("seeded %d topics from %s", len(self._seeds), self._seeds_source)
+                for seed in self._seeds:
+                    entry = {
+                        "version": seed.version,
+                        "change": "seeded",
+                        "at": utcnow().isoformat(),
+                    }
+                    entry.update(actor=self._seeds_source, changes=_diff(None, seed))
+                    await store.record_history(self.engine, seed.slug, seed.version, entry)
             await self.reload_topics()
             self._started = True
 
@@ -252,35 +295,85 @@ class ClassifyService:
             raise TopicNotFound(f"no topic {slug!r}")
         return topic
 
-    async def create_topic(self, definition: TopicDefinition) -> Topic:
+    async def create_topic(self, definition: TopicDefinition, *, actor: str | None = None) -> Topic:
         """Store a new topic at version 1 (or the next version of a deleted slug)."""
         await self.start()
         created = await store.create_topic(self.engine, Topic(**definition.model_dump()))
-        await self.topic_changed(created, "created")
+        await self.topic_changed(created, "created", actor=actor, changes=_diff(None, created))
         return created
 
-    async def update_topic(self, slug: str, update: TopicUpdate) -> Topic:
+    async def update_topic(
+        self, slug: str, update: TopicUpdate, *, actor: str | None = None
+    ) -> Topic:
         """Apply ``update``; a change bumps the version, an update that changes nothing does not."""
         topic = await self.topic(slug)
         changed = update.apply(topic)
         if changed == topic:
             return topic
-        return await self._save(changed, "updated")
+        return await self._save(changed, "updated", actor=actor, before=topic)
 
-    async def delete_topic(self, slug: str) -> Topic:
-        return await self._save(await self.topic(slug), "deleted", deleted=True)
+    async def delete_topic(self, slug: str, *, actor: str | None = None) -> Topic:
+        return await self._save(await self.topic(slug), "deleted", deleted=True, actor=actor)
 
-    async def set_enabled(self, slug: str, enabled: bool) -> Topic:
+    async def set_enabled(self, slug: str, enabled: bool, *, actor: str | None = None) -> Topic:
         topic = await self.topic(slug)
         if topic.enabled == enabled:
             return topic
         change = "enabled" if enabled else "disabled"
-        return await self._save(topic.model_copy(update={"enabled": enabled}), change)
+        updated = topic.model_copy(update={"enabled": enabled})
+        return await self._save(updated, change, actor=actor, before=topic)
 
-    async def _save(self, topic: Topic, change: str, *, deleted: bool = False) -> Topic:
+    async def _save(
+        self,
+        topic: Topic,
+        change: str,
+        *,
+        deleted: bool = False,
+        actor: str | None = None,
+        before: Topic | None = None,
+    ) -> Topic:
         saved = await store.save_topic(self.engine, topic, deleted=deleted)
-        await self.topic_changed(saved, change)
+        changes = _diff(before, saved) if before is not None else {}
+        await self.topic_changed(saved, change, actor=actor, changes=changes)
         return saved
+
+    async def history(self, slug: str, *, limit: int) -> TopicHistory:
+        """The topic's versions, newest first: what made each, who, when and what changed.
+
+        Versions made by labels list the labels (from the labels themselves, which name the
+        version they produced).
+        """
+        topic = await self.topic(slug)
+        entries = {e["version"]: e for e in await store.topic_history(self.engine, slug, limit)}
+        labels = await store.list_labels(
+            self.engine, slug, include_undone=True, limit=MAX_LABELS_PER_TOPIC, offset=0
+        )
+        by_version: dict[int, list[HistoryLabel]] = {}
+        for row in labels.items:
+            by_version.setdefault(int(str(row["topic_version"])), []).append(
+                HistoryLabel(
+                    article_id=str(row["article_id"]),
+                    title=str(row["title"]),
+                    relevant=bool(row["relevant"]),
+                    undone=row["undone_at"] is not None,
+                )
+            )
+        versions = sorted(set(entries) | set(by_version), reverse=True)[:limit]
+        items = []
+        for version in versions:
+            entry = entries.get(version, {})
+            given = by_version.get(version, [])
+            items.append(
+                TopicVersion(
+                    version=version,
+                    change=entry.get("change", "labelled" if given else "unknown"),
+                    at=entry.get("at"),
+                    actor=entry.get("actor"),
+                    changes={k: FieldChange(**v) for k, v in entry.get("changes", {}).items()},
+                    labels=given,
+                )
+            )
+        return TopicHistory(slug=slug, version=topic.version, items=items)
 
     async def preview(self, slug: str, draft: TopicUpdate, *, articles: int, show: int) -> Preview:
         """Replay a draft of ``slug`` over the last ``articles`` classified, saving nothing."""
@@ -291,11 +384,12 @@ class ClassifyService:
         learned = self._index(slug).labels
         labels = {slug: learned.labels} if learned is not None else {}
 
-        def compute() -> tuple[list[Any], int, int]:
+        def compute() -> tuple[tuple[list[Any], int, int], ScoreHistogram]:
             current_ix, draft_ix = index_topics([current, drafted], self._topic_texts, labels)
-            return replay([r.embedded for r in recent], current_ix, draft_ix)
+            embedded = [r.embedded for r in recent]
+            return replay(embedded, current_ix, draft_ix), score_histogram(embedded, draft_ix)
 
-        changes, before, after = await asyncio.to_thread(compute)
+        (changes, before, after), histogram = await asyncio.to_thread(compute)
 
         def listed(gained: bool) -> list[PreviewArticle]:
             return [
@@ -320,6 +414,7 @@ class ClassifyService:
             matching_with_draft=after,
             would_match=listed(True),
             would_stop_matching=listed(False),
+            histogram=histogram,
         )
 
     async def score(self, request: ScoreRequest) -> ScoreResponse:
@@ -414,7 +509,7 @@ class ClassifyService:
                 # Another label or edit landed first: read the topic again and label on top.
                 if attempt == _LABEL_ATTEMPTS:
                     raise
-        await self.topic_changed(saved, "labelled")
+        await self.topic_changed(saved, "labelled", actor=actor)
         metrics.LABELS.labels(slug, source).inc(len(labels))
         return [Label.model_validate(row) for row in rows]
 
@@ -438,7 +533,7 @@ class ClassifyService:
             raise LabelNotFound(f"no label {label_id!r}")
         saved, row = result
         if saved.version != current.version:
-            await self.topic_changed(saved, "label undone")
+            await self.topic_changed(saved, "label undone", actor=actor)
         return Label.model_validate(row)
 
     async def labels(
@@ -543,12 +638,13 @@ class ClassifyService:
 
     # drafts and backfills -------------------------------------------------------------------
 
-    async def publish(self, slug: str) -> Topic:
+    async def publish(self, slug: str, *, actor: str | None = None) -> Topic:
         """Make a draft topic live: from now on it scores the articles that arrive."""
         topic = await self.topic(slug)
         if topic.status == "live":
             return topic
-        return await self._save(topic.model_copy(update={"status": "live"}), "published")
+        live = topic.model_copy(update={"status": "live"})
+        return await self._save(live, "published", actor=actor, before=topic)
 
     async def backfill(self, slug: str, *, articles: int) -> Backfill:
         """Apply the live topic to the last ``articles`` classified, creating the matches (and
@@ -669,8 +765,23 @@ class ClassifyService:
         row, articles = found
         return StoryView.model_validate({**row, "story_id": row["id"], "articles": articles})
 
-    async def topic_changed(self, topic: Topic, change: str) -> None:
-        """Reload here, then tell every other classify process."""
+    async def topic_changed(
+        self,
+        topic: Topic,
+        change: str,
+        *,
+        actor: str | None = None,
+        changes: dict[str, Any] | None = None,
+    ) -> None:
+        """Record the version in the topic's history, reload here, then tell every other
+        classify process."""
+        entry = {"version": topic.version, "change": change, "at": utcnow().isoformat()}
+        await store.record_history(
+            self.engine,
+            topic.slug,
+            topic.version,
+            {**entry, "actor": actor, "changes": changes or {}},
+        )
         await self.reload_topics()
         event = TopicChanged(slug=topic.slug, topic_version=topic.version, change=change)
         await self.bus.publish(

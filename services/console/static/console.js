@@ -156,7 +156,7 @@ function pageLogin(view) {
   h("p", { id: "key-help", class: "muted" }, "A key from NEWSMON_API_KEYS. It becomes a session cookie for this browser; the key itself is not kept here."),
   h("button", { type: "submit" }, "Log in"));
   view.append(form);
-  input.focus();
+  view.afterAttach = () => input.focus();
 }
 
 // --- topics ----------------------------------------------------------------------------------
@@ -463,7 +463,7 @@ async function pageReview(view, slug) {
     else if (ev.key === "k" || ev.key === "ArrowUp") { (cards[Math.max(0, i - 1)] || cards[0]).focus(); ev.preventDefault(); }
     else if ((ev.key === "r" || ev.key === "n") && canEdit() && i >= 0) { label(cards[i], ev.key === "r"); ev.preventDefault(); }
   };
-  cards[0].focus();
+  view.afterAttach = () => cards[0].focus();
 }
 
 // --- articles and matches --------------------------------------------------------------------
@@ -476,7 +476,7 @@ async function pageArticles(view, params) {
     input, h("button", { type: "submit" }, "Search")));
   if (!q.trim()) {
     view.append(h("p", { class: "muted" }, "Search the recently classified articles by words of their title; each shows every topic's score and evidence: why it did or did not match."));
-    input.focus();
+    view.afterAttach = () => input.focus();
     return;
   }
   const found = await api("GET", `/articles?q=${encodeURIComponent(q)}&limit=50`);
@@ -717,7 +717,8 @@ async function route() {
   if (mine !== state.render) return;
   main().replaceChildren(view);
   const m = main();
-  if (page !== "review" && !m.contains(document.activeElement)) {
+  if (view.afterAttach) view.afterAttach();
+  else if (!m.contains(document.activeElement)) {
     const first = m.querySelector("h1");
     if (first) { first.tabIndex = -1; first.focus({ preventScroll: true }); }
   }
