@@ -7,6 +7,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from http.cookies import SimpleCookie
+from typing import Any
 
 import httpx
 import pytest
@@ -17,6 +18,7 @@ from newsmon import console
 from newsmon.access import CSRF_HEADER, SESSION_COOKIE, ApiKey, check_session, make_session
 from newsmon.api import READ_ONLY, build_app
 from newsmon.settings import Settings
+from tests.helpers import WORD_TOPIC, WordEmbedder
 
 ADMIN = ApiKey(name="ops", key="a" * 32, role="admin")
 READER = ApiKey(name="dash", key="r" * 32, role="read")
@@ -229,3 +231,60 @@ async def test_the_console_and_the_api_docs_load_nothing_from_another_host(
     assert not re.search(r"https?://(?!www\.w3\.org/2000/svg)", js)
     swagger = (await client.get("/docs")).text
     assert "validatorUrl" in swagger  # no badge fetched from validator.swagger.io
+
+
+# What the console asks of classify: a topic's history, and a preview's histogram ------------
+
+
+async def test_topic_history_says_what_each_version_changed_and_who(engine: Any) -> None:
+    from newsmon.bus import MemoryBus, Message
+    from newsmon.classify.routes import build_router
+    from newsmon.classify.service import ClassifyService
+    from newsmon.events import ARTICLES_FETCHED, Article, ArticleFetched
+
+    service = ClassifyService(
+        Settings(classify_batch_wait_s=0.0), MemoryBus(), engine, WordEmbedder(), [WORD_TOPIC]
+    )
+    await service.start()
+    texts = {"hit": "fentanyl seizure", "both": "fentanyl football", "miss": "weather"}
+    await service.handle_batch(
+        [
+            Message(ARTICLES_FETCHED, 0, i, None, ArticleFetched(
+                event_id=a, article=Article(article_id=a, feed_url="https://f/", title=t)
+            ).encode())
+            for i, (a, t) in enumerate(texts.items())
+        ]
+    )  # fmt: skip
+    settings = Settings(api_keys=[ADMIN], api_rate_burst=10**6)
+    app = build_app([build_router(service)], ready, settings)
+    headers = {"Authorization": f"Bearer {ADMIN.key}"}
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t", headers=headers) as api:
+        preview = (await api.post("/topics/fentanyl/preview", json={"threshold": 0.95})).json()
+        histogram = preview["histogram"]
+        assert histogram["bins"] == 100 and len(histogram["counts"]) == 100
+        assert sum(histogram["counts"]) + histogram["vetoed"] == preview["articles"] == 3
+        # The articles at or above a two-decimal threshold are the bins from it up.
+        assert sum(histogram["counts"][95:]) == preview["matching_with_draft"]
+
+        await api.patch("/topics/fentanyl", json={"threshold": 0.7, "examples": ["fentanyl"]})
+        await api.post("/topics/fentanyl/labels", json={"article_id": "both", "relevant": False})
+        await api.post("/topics/fentanyl/disable")
+        history = (await api.get("/topics/fentanyl/history")).json()
+    assert history["version"] == 4
+    versions = [(v["version"], v["change"], v["actor"]) for v in history["items"]]
+    assert versions == [
+        (4, "disabled", "key ops"),
+        (3, "labelled", "key ops"),
+        (2, "updated", "key ops"),
+        (1, "seeded", "seeds"),
+    ]
+    disabled, labelled, updated, seeded = history["items"]
+    assert disabled["changes"] == {"enabled": {"before": True, "after": False}}
+    assert labelled["labels"] == [
+        {"article_id": "both", "title": "fentanyl football", "relevant": False, "undone": False}
+    ]
+    assert updated["changes"]["threshold"] == {"before": WORD_TOPIC.threshold, "after": 0.7}
+    assert updated["changes"]["examples"]["after"] == ["fentanyl"]
+    assert set(updated["changes"]) == {"threshold", "examples"}
+    assert seeded["changes"]["slug"] == {"before": None, "after": "fentanyl"}

@@ -90,6 +90,8 @@ class Preview(BaseModel):
     matching_with_draft: int
     would_match: list[PreviewArticle] = Field(description="articles the draft adds")
     would_stop_matching: list[PreviewArticle] = Field(description="articles the draft drops")
+    would_match_total: int = Field(0, description="articles the draft adds, all of them")
+    would_stop_matching_total: int = Field(0, description="articles the draft drops, all of them")
     histogram: ScoreHistogram = Field(description="the draft's scores of the replayed articles")
 
 

@@ -414,6 +414,8 @@ class ClassifyService:
             matching_with_draft=after,
             would_match=listed(True),
             would_stop_matching=listed(False),
+            would_match_total=sum(c.after.matched for c in changes),
+            would_stop_matching_total=sum(not c.after.matched for c in changes),
             histogram=histogram,
         )
 

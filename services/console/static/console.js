@@ -261,9 +261,9 @@ async function pageTopic(view, slug, params) {
     const at = matchingAt(hist, threshold);
     summary.textContent = `Of ${num(replayed)} recent articles, ${num(now)} match now (threshold ${fmt(topic.threshold, 2)}); at ${fmt(threshold, 2)} about ${num(at)} would (${hist.vetoed} ruled out by keywords)…`;
   }
-  function articleList(title, id, items) {
+  function articleList(title, id, items, total) {
     return h("div", { id },
-      h("h3", {}, `${title} (${items.length})`),
+      h("h3", {}, `${title} (${total}${total > 20 ? ", the first 20" : ""})`),
       items.length ? h("ul", { class: "plain" }, items.slice(0, 20).map((a) => h("li", {},
         h("a", { href: link(["article", a.article_id]) }, a.title || a.article_id), " ",
         h("span", { class: "muted" }, `${fmt(a.score_before)} → ${fmt(a.score_after)}`)))) : h("p", { class: "muted" }, "none"));
@@ -275,13 +275,13 @@ async function pageTopic(view, slug, params) {
       if (mine !== seq) return;
       hist = p.histogram; now = p.matching_now; replayed = p.articles;
       drawChart();
-      const up = p.would_match.length, down = p.would_stop_matching.length;
+      const up = p.would_match_total, down = p.would_stop_matching_total;
       summary.replaceChildren(
         `Of ${num(p.articles)} recent articles, `, h("strong", { id: "matching-now" }, num(p.matching_now)), " match now; with this draft ",
         h("strong", { id: "matching-draft" }, num(p.matching_with_draft)), ": ",
         h("span", { class: "up", id: "would-start" }, `+${up} would start`), ", ",
         h("span", { class: "down", id: "would-stop" }, `−${down} would stop`), ` matching (${p.histogram.vetoed} ruled out by keywords).`);
-      lists.replaceChildren(articleList("Would start matching", "would-match", p.would_match), articleList("Would stop matching", "would-stop-matching", p.would_stop_matching));
+      lists.replaceChildren(articleList("Would start matching", "would-match", p.would_match, up), articleList("Would stop matching", "would-stop-matching", p.would_stop_matching, down));
     } catch (err) {
       if (mine === seq) { summary.textContent = err.message; notify(err.message); }
     }
