@@ -59,16 +59,25 @@ def test_facts_are_names_figures_and_stages_not_openers_or_newsroom_words() -> N
         " $5 million were seized in 2022 from 3 homes. Reuters reported it.",
     )
     assert {"ovidio", "guzman", "chapo", "chicago", "united", "states"} <= set(facts)
-    assert {"~extradited", "~seized", "#1200kilo", "#$5million"} <= set(facts)
+    assert {"~extradited", "~seized", "#1200kilo", "#$5000000"} <= set(facts)
     # Sentence openers, weekdays, newsroom names, years and small counts are not facts.
     assert not {"mexico", "the", "officials", "friday", "reuters", "#2022", "#3"} & set(facts)
     assert facts["guzman"] == "Guzmán"  # shown as written, compared folded
 
 
-def test_title_case_headlines_give_no_names() -> None:
-    assert extract_facts("Mexico Extradites Cartel Leader To United States", "") == {
-        "~extradited": "extradited"
-    }
+def test_title_case_headlines_give_no_names_only_their_words() -> None:
+    facts = extract_facts("Mexico Extradites Cartel Leader To United States", "")
+    assert {k for k in facts if k[0] not in "~="} == set()
+    assert {"~extradited", "=cartel", "=leader"} <= set(facts)
+
+
+def test_a_figure_written_two_ways_is_one_fact_and_a_name_of_many_words_one_run() -> None:
+    facts = extract_facts(
+        "", "Police found $172K. That is $172,000 for the Drug Enforcement Agency."
+    )
+    assert [k for k in facts if k.startswith("#")] == ["#$172000"]
+    assert facts["@drug enforcement agency"] == "Drug Enforcement Agency"
+    assert {"drug", "enforcement", "agency"} <= set(facts)
 
 
 def test_synonymous_stages_are_one_fact() -> None:
@@ -138,16 +147,16 @@ def test_a_similar_report_of_another_event_starts_a_story_and_says_why() -> None
 
 def test_a_name_every_open_story_shares_ties_nothing() -> None:
     many = [
-        start(f"s{i}", candidate(f"a{i}", text=f"In Sinaloa, agents found lab number {i}."))
+        start(f"s{i}", candidate(f"a{i}", text=f"In Sinaloa, agents found lab {i} by Town{i}."))
         for i in range(30)
     ]
     # At cosine 0.7 to every story a shared fact decides, but only a distinctive one.
     similar = candidate("b", 0.7, hours=1, text="Agents in Sinaloa found another lab.")
     assert decide(similar, many).story is None
-    rare = candidate("c", 0.7, hours=1, text="Agents found lab number 17 in Sinaloa.")
+    rare = candidate("c", 0.7, hours=1, text="Agents found lab 17 by Town17 in Sinaloa.")
     decision = decide(rare, many)
     assert decision.story is not None and decision.story.story_id == "s17"
-    assert decision.shared == ("17",)
+    assert decision.shared == ("17", "Town17")
 
 
 def test_beyond_the_news_cycle_cosine_alone_does_not_join() -> None:

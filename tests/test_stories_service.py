@@ -105,17 +105,18 @@ async def test_a_stream_of_matches_yields_its_stories_on_every_event(
     assert rewrite is not None and rewrite.story_id == wire.story_id
     assert (rewrite.article_count, rewrite.update, rewrite.new) == (2, False, [])
     assert rewrite.reason.startswith(
-        "cosine 1.00 to 'Fentanyl seized at Nogales' (Outlet wire, 2022-11-01); shared: Nogales"
+        "cosine 1.00 to 'Fentanyl seized at Nogales' (Outlet wire, 2022-11-01); shared: fentanyl,"
+        " Nogales; 2 h after its last article; same facts"
     )
     assert rewrite.title == "Fentanyl seized at Nogales" and rewrite.first_seen == T0
     # A new stage: an update that says so.
     follow = stories["follow-up"]
     assert follow is not None and follow.story_id == wire.story_id
     assert follow.update and follow.new == ["charged"]
-    # Less alike (cosine 0.71), but the same place: joins through the shared name.
+    # Less alike (cosine 0.71), but two distinctive facts in common: joins through them.
     storm = stories["storm"]
     assert storm is not None and storm.story_id == wire.story_id and storm.article_count == 4
-    assert "cosine 0.7" in storm.reason and "shared: Nogales" in storm.reason
+    assert "cosine 0.71" in storm.reason and "shared: fentanyl, Nogales" in storm.reason
     # Forty days on the story is closed: a new one.
     later = stories["month-later"]
     assert later is not None and later.story_id != wire.story_id and later.article_count == 1

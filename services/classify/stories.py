@@ -11,10 +11,11 @@ of its articles' vectors, its known facts, and its last activity.
 - its cosine to the story is at least ``SAME_REPORT`` (0.80) and the story's last article is
   at most ``NEWS_CYCLE`` (3 days) old: another outlet's version of the same report; or
 - its cosine is at least ``RELATED`` (0.60), the story was active within ``WINDOW`` (30 days),
-  and the two share at least one *distinctive* fact: a name, figure or place that fewer than
-  ``DISTINCTIVE_SHARE`` of the open stories mention (so "Mexico" or "Sinaloa", which every
-  story on the topics mentions, does not tie two stories; "Ovidio" or "Culiacán" does). Beyond
-  the news cycle two distinctive facts are needed.
+  the two share at least two *distinctive* facts (three after the news cycle) — names,
+  figures, headline words that fewer than ``DISTINCTIVE_SHARE`` of the open stories know, so
+  "Mexico" or "Sinaloa", which every story on the topics mentions, ties nothing and "Ovidio"
+  with "Culiacán" does — and they report no conflicting figures (both give figures and share
+  none: a seizure of 102K pills is not the seizure of 72K pills a week later).
 
 Two articles of one topic are alike anyway (both match it), so cosine alone ties only near
 rewrites; a later stage of the same case (charged, then extradited) reads differently and is
@@ -49,6 +50,9 @@ RELATED = 0.60
 NEWS_CYCLE = timedelta(days=3)
 WINDOW = timedelta(days=30)
 DISTINCTIVE_SHARE = 0.10
+# Distinctive facts a less alike report must share: in the news cycle, and after it.
+SHARED_IN_CYCLE = 2
+SHARED_LATER = 2
 # New names that make an update on their own (another outlet's rewrite brings one or two:
 # the place, the ministry it quotes).
 NEW_NAMES = 3
@@ -108,7 +112,7 @@ STAGES = {
 }
 _WORD = re.compile(r"[^\W\d_][\w'’.-]*", re.UNICODE)
 _NUMBER = re.compile(
-    r"(?<![\w.])(\$|€|£)?(\d[\d,]*(?:\.\d+)?)\s*"
+    r"(?<![\w.])(\$|€|£)?(\d[\d,]*(?:\.\d+)?[kKmM]?)\b\s*"
     r"(million|billion|thousand|percent|%|kilos?|kilograms?|kg|pounds|tons|pills|doses|years?)?",
     re.IGNORECASE,
 )
@@ -131,9 +135,12 @@ def _title_case(text: str) -> bool:
 
 def extract_facts(title: str, text: str) -> dict[str, str]:
     """The checkable facts of an article: names (capitalised words that are not sentence
-    openers or newsroom words), figures (numbers with their unit; not years or small counts)
-    and stages (arrested, extradited...). ``{key: how it was written}``; keys are folded,
-    figures start with ``#``, stages with ``~``."""
+    openers or newsroom words), figures (numbers with their unit, $172K = $172,000; not years
+    or small counts), stages (arrested, extradited...) and the headline's longer words.
+    ``{key: how it was written}``; keys are folded. Names are keyed word by word (Guzmán ties
+    "Ovidio Guzmán" to "Guzmán"), and each run of two or more (``@drug enforcement
+    administration``) once more, so that a development counts a new name once; figures start
+    with ``#``, stages with ``~``, headline words with ``=``."""
     facts: dict[str, str] = {}
     for segment in (title, text):
         if not segment:
@@ -142,35 +149,83 @@ def extract_facts(title: str, text: str) -> dict[str, str]:
             (
                 re.sub(r"['’]s$", "", m.group().strip(".'’-")),
                 _SENTENCE_START.search(segment[: m.start()]) is not None,
+                m.start(),
+                m.end(),
             )
             for m in _WORD.finditer(segment)
         ]
         # A sentence opener is a name only if it is capitalised mid-sentence somewhere too.
-        mid = {fold(w) for w, opener in words if not opener and w[:1].isupper()}
+        mid = {fold(w) for w, opener, _, _ in words if not opener and w[:1].isupper()}
         names = not _title_case(segment)
-        for word, opener in words:
+        run: list[str] = []
+        last_end = -1
+
+        for word, opener, begin, finish in words:
             key = fold(word)
             for stem, stage in STAGES.items():
                 if key.startswith(stem):
                     facts.setdefault(f"~{stage}", stage)
-            if not names or not word[:1].isupper() or len(key) < 3 or key in _NOT_NAMES:
+            is_name = (
+                names
+                and word[:1].isupper()
+                and len(key) >= 3
+                and key not in _NOT_NAMES
+                and (not opener or key in mid)
+            )
+            if not is_name:
+                _close_run(run, facts)
                 continue
-            if opener and key not in mid:
-                continue
+            if run and segment[last_end:begin].strip():
+                _close_run(run, facts)
+            run.append(word)
+            last_end = finish
             facts.setdefault(key, word)
+        _close_run(run, facts)
         for match in _NUMBER.finditer(segment):
-            currency, digits, unit = match.groups()
-            value = digits.replace(",", "")
-            try:
-                number = float(value)
-            except ValueError:
-                continue
-            if not currency and not unit and (number < 11 or 1900 <= number <= 2100):
-                continue
-            unit_key = fold(unit or "").rstrip("s")
-            shown = f"{currency or ''}{digits}{' ' + unit if unit else ''}"
-            facts.setdefault(f"#{currency or ''}{value}{unit_key}", shown)
+            figure = _figure(*match.groups())
+            if figure is not None:
+                facts.setdefault(*figure)
+    # The headline's own words ("vaccine", "suitcase"): a title overlap, counted only when
+    # distinctive, like the names.
+    for word in _WORD.findall(title):
+        key = fold(word)
+        if (
+            len(key) >= 5
+            and key not in facts
+            and key not in _NOT_NAMES
+            and not any(map(key.startswith, STAGES))
+        ):
+            facts.setdefault("=" + key.removesuffix("s"), word.lower())
     return facts
+
+
+def _close_run(run: list[str], facts: dict[str, str]) -> None:
+    if len(run) >= 2:
+        facts.setdefault("@" + " ".join(fold(w) for w in run), " ".join(run))
+    run.clear()
+
+
+_SCALE = {"k": 1e3, "thousand": 1e3, "m": 1e6, "million": 1e6, "billion": 1e9}
+
+
+def _figure(currency: str | None, digits: str, unit: str | None) -> tuple[str, str] | None:
+    """A figure's key and how it was written; None for years and small bare counts."""
+    shown = f"{currency or ''}{digits}{' ' + unit if unit else ''}"
+    value = digits.replace(",", "").lower()
+    suffix = value[-1] if value[-1] in "km" else ""
+    try:
+        number = float(value.rstrip("km"))
+    except ValueError:
+        return None
+    unit_key = fold(unit or "").rstrip("s")
+    if not currency and not unit and not suffix and (number < 11 or 1900 <= number <= 2100):
+        return None
+    scale = _SCALE.get(suffix, 1.0) * _SCALE.get(unit_key, 1.0)
+    if unit_key in _SCALE:
+        unit_key = ""
+    amount = number * scale
+    amount_key = f"{amount:.0f}" if amount == int(amount) else f"{amount:g}"
+    return f"#{currency or ''}{amount_key}{unit_key}", shown
 
 
 def lead_vector(vectors: Vectors) -> Vectors:
@@ -251,10 +306,15 @@ def _gap(seconds: float) -> str:
     return f"{hours:.0f} h" if hours < 48 else f"{hours / 24:.0f} days"
 
 
-def decide(candidate: Candidate, stories: Sequence[Story]) -> Decision:
-    """The open story ``candidate`` reports on, or a new one; see the module's docstring."""
+def decide(
+    candidate: Candidate, stories: Sequence[Story], *, context: Sequence[Story] = ()
+) -> Decision:
+    """The open story ``candidate`` reports on, or a new one; see the module's docstring.
+
+    ``context``: more open stories that only count towards which facts are distinctive (an
+    evaluation that asks about one pair still sees the news around it)."""
     open_ = [s for s in stories if abs(candidate.at - s.last_seen) <= WINDOW]
-    rare = distinctive(open_)
+    rare = distinctive([*open_, *context])
     best: tuple[float, Story, float, tuple[str, ...]] | None = None
     nearest: tuple[float, Story] | None = None
     for story in open_:
@@ -264,13 +324,15 @@ def decide(candidate: Candidate, stories: Sequence[Story]) -> Decision:
         shared = tuple(
             sorted(
                 (story.facts.get(k, v) for k, v in candidate.facts.items()
-                 if k in story.facts and k in rare and not k.startswith("~")),
+                 if k in story.facts and k in rare and k[0] not in "~@"),
                 key=str.casefold,
             )
         )  # fmt: skip
         recent = abs(candidate.at - story.last_seen) <= NEWS_CYCLE
         joins = (recent and sim >= SAME_REPORT) or (
-            sim >= RELATED and len(shared) >= (1 if recent else 2)
+            sim >= RELATED
+            and len(shared) >= (SHARED_IN_CYCLE if recent else SHARED_LATER)
+            and not _other_figures(candidate.facts, story.facts)
         )
         if joins:
             rank = sim + 0.05 * len(shared)
@@ -283,16 +345,18 @@ def decide(candidate: Candidate, stories: Sequence[Story]) -> Decision:
             sim, story = nearest
             reason = (
                 f"new story: nearest open story {story.title!r} at cosine {sim:.2f} (joining"
-                f" needs {SAME_REPORT:.2f} within {NEWS_CYCLE.days} days, or {RELATED:.2f} with a"
-                " distinctive shared name or figure)"
+                f" needs {SAME_REPORT:.2f} within {NEWS_CYCLE.days} days, or {RELATED:.2f} with"
+                f" {SHARED_IN_CYCLE} distinctive shared facts, {SHARED_LATER} after"
+                f" {NEWS_CYCLE.days} days, and no conflicting figures)"
             )
         return Decision(None, None, (), False, (), reason)
     _, story, sim, shared = best
     member = _nearest_member(story, candidate.vector)
-    new = tuple(v for k, v in candidate.facts.items() if k not in story.facts)
-    stages = [v for k, v in candidate.facts.items() if k.startswith("~") and k not in story.facts]
-    figures = [v for k, v in candidate.facts.items() if k.startswith("#") and k not in story.facts]
-    names = [v for k, v in candidate.facts.items() if k[0] not in "~#" and k not in story.facts]
+    fresh = {k: v for k, v in candidate.facts.items() if k not in story.facts and k[0] != "="}
+    stages = [v for k, v in fresh.items() if k.startswith("~")]
+    figures = [v for k, v in fresh.items() if k.startswith("#")]
+    names = _new_names(fresh)
+    new = tuple([*stages, *figures, *names])
     update = bool(stages or figures or len(names) >= NEW_NAMES)
     where = (
         f"{member.title!r} ({member.source}, {_day(member.at)})"
@@ -312,8 +376,23 @@ def decide(candidate: Candidate, stories: Sequence[Story]) -> Decision:
         parts.append("update: new " + ", ".join(what[:MAX_NEW]))
     else:
         parts.append("same facts" + (f" (new only: {', '.join(new)})" if new else ""))
-    shown = tuple(([*stages, *figures, *names])[:MAX_NEW]) if update else ()
+    shown = new[:MAX_NEW] if update else ()
     return Decision(story, sim, shared, update, shown, "; ".join(parts))
+
+
+def _new_names(fresh: dict[str, str]) -> list[str]:
+    """The new names, a run of words once ("Drug Enforcement Administration", not three)."""
+    runs = [(k[1:].split(), v) for k, v in fresh.items() if k.startswith("@")]
+    in_runs = {word for words, _ in runs for word in words}
+    single = [v for k, v in fresh.items() if k[0] not in "~#=@" and k not in in_runs]
+    return [v for _, v in runs] + single
+
+
+def _other_figures(facts: dict[str, str], known: dict[str, str]) -> bool:
+    """Both report figures and none in common: 102K pills seized is another seizure than 72K."""
+    mine = {k for k in facts if k.startswith("#")}
+    theirs = {k for k in known if k.startswith("#")}
+    return bool(mine and theirs and not mine & theirs)
 
 
 def _nearest_member(story: Story, vector: Vectors) -> Member | None:

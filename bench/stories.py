@@ -1,0 +1,493 @@
+"""Stories on a real stream: how many alerts they save, and how well they group.
+
+**Replay.** ``stream-2022.jsonl`` (without the dev set's items), in date order (``published``),
+through the real classify code: the seed topics as ``newsmon run`` loads them
+(``batch.configured_service``), ``embed_articles`` + ``score_embedded`` for the matches, and
+``ClassifyService.assign_stories`` (``stories.decide`` over ``store.assign_stories``, on a
+scratch SQLite database migrated like production) for the stories, one article at a time with
+its own publication time as the clock. As in ``bench.backtest``, only the items some topic's
+keyword constraints admit are embedded (an item every topic vetoes cannot match). Alerts per
+topic per day are counted two ways: without stories, one per matching article; with stories,
+one per (topic, story) plus one per update (the alerts side's rule).
+
+**Pairs.** ``bench/data/story-pairs.jsonl`` (same-topic stream items at most 30 days apart) and
+its two independent labellings ``story-pairs-a.jsonl`` / ``-b.jsonl``: the labellers' agreement
+(percent, Cohen's kappa) on ``same_event`` and on ``development``, and the grouping's precision
+and recall on the pairs both labellers agree on. The grouping's answer for a pair is
+``stories.decide``'s for ``b`` against a story made of ``a``, with the replay's open stories
+around ``b`` as the context that says which facts are distinctive. ``development`` is scored on
+the pairs both call the same event and agree on. The thresholds were set from principles before
+the labels existed (``stories``' docstring); the figures are also given for the earlier and the
+later half of the pairs by date, so a later tuning on one half can be checked on the other.
+
+    python -m bench.stories [--limit N]
+
+Writes ``bench/results/stories.json``. Without the corpus it says what is missing and exits 2;
+without the label files it reports the replay only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.backtest import DEV_PATH, STREAM, MemoEmbedder, admitted, load_stream, when  # noqa: E402
+
+DATA = REPO / "bench" / "data"
+PAIRS = DATA / "story-pairs.jsonl"
+LABELLERS = (DATA / "story-pairs-a.jsonl", DATA / "story-pairs-b.jsonl")
+RESULTS = REPO / "bench" / "results" / "stories.json"
+
+
+def jsonl(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def article_of(row: dict[str, Any]) -> Any:
+    from newsmon.events import Article
+
+    return Article(
+        article_id=row["id"],
+        feed_url=row.get("feed_url") or "",
+        feed_title=urlsplit(row.get("feed_url") or "").hostname or "",
+        title=row.get("title") or "",
+        summary=row.get("summary") or "",
+        link=row.get("link") or "",
+        published=when(row),
+    )
+
+
+def kappa(a: Sequence[bool], b: Sequence[bool]) -> float | None:
+    """Cohen's kappa of two labellings of the same items."""
+    n = len(a)
+    if not n:
+        return None
+    observed = sum(x == y for x, y in zip(a, b, strict=True)) / n
+    pa, pb = sum(a) / n, sum(b) / n
+    expected = pa * pb + (1 - pa) * (1 - pb)
+    return None if expected == 1 else round((observed - expected) / (1 - expected), 3)
+
+
+def agreement(a: Sequence[bool], b: Sequence[bool]) -> dict[str, Any]:
+    n = len(a)
+    agreed = sum(x == y for x, y in zip(a, b, strict=True))
+    return {
+        "n": n,
+        "agreed": agreed,
+        "percent": round(100 * agreed / n, 1) if n else None,
+        "kappa": kappa(a, b),
+    }
+
+
+def prf(truth: Sequence[bool], predicted: Sequence[bool]) -> dict[str, Any]:
+    tp = sum(t and p for t, p in zip(truth, predicted, strict=True))
+    fp = sum(p and not t for t, p in zip(truth, predicted, strict=True))
+    fn = sum(t and not p for t, p in zip(truth, predicted, strict=True))
+    precision = tp / (tp + fp) if tp + fp else None
+    recall = tp / (tp + fn) if tp + fn else None
+    f1 = (
+        2 * precision * recall / (precision + recall)
+        if precision is not None and recall is not None and precision + recall
+        else None
+    )
+    return {
+        "n": len(truth),
+        "positives": tp + fn,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "precision": None if precision is None else round(precision, 3),
+        "recall": None if recall is None else round(recall, 3),
+        "f1": None if f1 is None else round(f1, 3),
+    }
+
+
+async def replay(
+    scored: list[dict[str, Any]], service: Any, memo: MemoEmbedder, url: str
+) -> dict[str, Any]:
+    """Score ``scored`` in order, place each match in its story; the alerts both ways."""
+    from newsmon.classify.scoring import embed_articles, score_embedded
+    from newsmon.classify.service import ClassifyService, story_input
+    from newsmon.db import open_engine
+
+    embedded = embed_articles(
+        [(r.get("title") or "", r.get("summary") or "") for r in scored], memo
+    )
+    indexes = service.indexes
+    engine = open_engine(url)
+    # The real service's story path (on the bench's own database); nothing else is used.
+    placing = ClassifyService(
+        service.settings, service.bus, engine, memo, [], seeds_source="bench"
+    )  # fmt: skip
+    without: dict[str, Counter[str]] = defaultdict(Counter)
+    with_stories: dict[str, Counter[str]] = defaultdict(Counter)
+    alerted: set[tuple[str, str]] = set()
+    placed: dict[str, Any] = {}
+    matched = 0
+    try:
+        for row, article_embedded in zip(scored, embedded, strict=True):
+            topics = [s.topic for s in score_embedded(article_embedded, indexes) if s.matched]
+            if not topics:
+                continue
+            matched += 1
+            article = article_of(row)
+            item = story_input(article, article_embedded, topics, article.published)
+            [ref] = (await placing.assign_stories([item])).values()
+            placed[row["id"]] = ref
+            day = when(row).strftime("%Y-%m-%d")
+            for topic in topics:
+                without[topic][day] += 1
+                if (topic, ref.story_id) not in alerted or ref.update:
+                    alerted.add((topic, ref.story_id))
+                    with_stories[topic][day] += 1
+    finally:
+        await engine.dispose()
+    first, last = when(scored[0]), when(scored[-1])
+    span_days = (last.date() - first.date()).days + 1
+    per_topic = {}
+    for topic in sorted(without):
+        days = without[topic]
+        per_topic[topic] = {
+            "alerts_without_stories": sum(days.values()),
+            "alerts_with_stories": sum(with_stories[topic].values()),
+            "days_with_alerts": len(days),
+            "per_day_without": round(sum(days.values()) / span_days, 2),
+            "per_day_with": round(sum(with_stories[topic].values()) / span_days, 2),
+            "max_day_without": max(days.values()),
+            "max_day_with": max(with_stories[topic].values(), default=0),
+            "busiest_day": max(days, key=lambda d: (days[d], d)),
+            "busiest_day_with_stories": with_stories[topic][max(days, key=lambda d: (days[d], d))],
+        }
+    return {
+        "matched_articles": matched,
+        "span_days": span_days,
+        "per_topic": per_topic,
+        "per_topic_per_day": {
+            t: {d: [without[t][d], with_stories[t][d]] for d in sorted(without[t])}
+            for t in sorted(without)
+        },
+        "placed": placed,
+    }
+
+
+async def story_summary(url: str) -> dict[str, Any]:
+    from newsmon.classify.store import get_story, list_stories
+    from newsmon.db import open_engine
+
+    engine = open_engine(url)
+    try:
+        page = await list_stories(engine, topic=None, limit=100_000, offset=0)
+        sizes = Counter(int(s["article_count"]) for s in page.items)  # type: ignore[call-overload]
+        largest = sorted(
+            page.items,
+            key=lambda s: (-int(s["article_count"]), str(s["id"])),  # type: ignore[call-overload]
+        )[:5]
+        top = []
+        for s in largest:
+            found = await get_story(engine, str(s["id"]))
+            assert found is not None
+            row, articles = found
+            top.append(
+                {
+                    "story_id": row["id"],
+                    "title": row["title"],
+                    "articles": row["article_count"],
+                    "updates": row["updates"],
+                    "topics": row["topics"],
+                    "first_seen": str(row["first_seen"]),
+                    "last_seen": str(row["last_seen"]),
+                    "sources": len({a["source"] for a in articles}),
+                    "article_ids": [a["article_id"] for a in articles],
+                }
+            )
+    finally:
+        await engine.dispose()
+    return {
+        "stories": page.total,
+        "sizes": {str(k): v for k, v in sorted(sizes.items())},
+        "largest": top,
+    }
+
+
+async def open_stories(url: str) -> list[Any]:
+    """Every story of the replay as ``stories.Story`` (facts and times: the pairs' context)."""
+    import numpy as np
+    from sqlalchemy import select
+
+    from newsmon.classify import stories
+    from newsmon.classify.store import stories_table
+    from newsmon.db import open_engine
+
+    engine = open_engine(url)
+    try:
+        async with engine.connect() as conn:
+            rows = (await conn.execute(select(stories_table))).all()
+    finally:
+        await engine.dispose()
+    return [
+        stories.Story(
+            story_id=r.id,
+            title=r.title,
+            first_seen=r.first_seen,
+            last_seen=r.last_seen,
+            article_count=r.article_count,
+            vector_sum=np.zeros(1, dtype=np.float32),
+            facts=dict(r.facts),
+        )
+        for r in rows
+    ]
+
+
+def evaluate_pairs(
+    pairs: list[dict[str, Any]],
+    labels: list[dict[tuple[str, str], dict[str, Any]]],
+    rows: dict[str, dict[str, Any]],
+    memo: MemoEmbedder,
+    context: list[Any],
+    placed: dict[str, Any],
+) -> dict[str, Any]:
+    from newsmon.classify import stories
+    from newsmon.classify.scoring import embed_articles
+    from newsmon.classify.service import story_input
+
+    a_labels, b_labels = labels
+    keys = [(p["a"], p["b"]) for p in pairs if (p["a"], p["b"]) in a_labels]
+    keys = [k for k in keys if k in b_labels]
+    ids = sorted({i for k in keys for i in k})
+    embedded = dict(
+        zip(
+            ids,
+            embed_articles(
+                [(rows[i].get("title") or "", rows[i].get("summary") or "") for i in ids], memo
+            ),
+            strict=True,
+        )
+    )
+    inputs = {
+        i: story_input(article_of(rows[i]), embedded[i], [], when(rows[i])).candidate for i in ids
+    }
+    same_a = [bool(a_labels[k]["same_event"]) for k in keys]
+    same_b = [bool(b_labels[k]["same_event"]) for k in keys]
+    both_dev = [
+        k
+        for k in keys
+        if a_labels[k]["same_event"]
+        and b_labels[k]["same_event"]
+        and a_labels[k].get("development") is not None
+        and b_labels[k].get("development") is not None
+    ]
+    out: dict[str, Any] = {
+        "pairs_labelled_by_both": len(keys),
+        "agreement": {
+            "same_event": agreement(same_a, same_b),
+            "development": agreement(
+                [bool(a_labels[k]["development"]) for k in both_dev],
+                [bool(b_labels[k]["development"]) for k in both_dev],
+            ),
+        },
+    }
+    decisions = {}
+    for key in keys:
+        a, b = inputs[key[0]], inputs[key[1]]
+        story = stories.start(f"pair-{key[0]}", a)
+        # The open stories around b (from the replay) say which facts are distinctive; the
+        # pair's own articles are left out of them.
+        around = [
+            s
+            for s in context
+            if abs(b.at - s.last_seen) <= stories.WINDOW
+            and s.story_id not in {getattr(placed.get(i), "story_id", None) for i in key}
+        ]
+        decisions[key] = stories.decide(b, [story], context=around)
+    agreed = [k for k in keys if a_labels[k]["same_event"] == b_labels[k]["same_event"]]
+    agreed.sort(key=lambda k: (rows[k[0]]["published"], k))
+    halves = {
+        "all agreed pairs": agreed,
+        "earlier half": agreed[: len(agreed) // 2],
+        "later half": agreed[len(agreed) // 2 :],
+    }
+    out["grouping"] = {
+        name: prf(
+            [bool(a_labels[k]["same_event"]) for k in subset],
+            [decisions[k].story is not None for k in subset],
+        )
+        for name, subset in halves.items()
+    }
+    dev_agreed = [k for k in both_dev if a_labels[k]["development"] == b_labels[k]["development"]]
+    joined = [k for k in dev_agreed if decisions[k].story is not None]
+    early = set(halves["earlier half"])
+    out["development"] = {
+        "pairs_same_event_and_agreed": len(dev_agreed),
+        "of_them_grouped": len(joined),
+        **{
+            name: prf(
+                [bool(a_labels[k]["development"]) for k in subset],
+                [decisions[k].update for k in subset],
+            )
+            for name, subset in (
+                ("on_grouped_pairs", joined),
+                ("earlier half", [k for k in joined if k in early]),
+                ("later half", [k for k in joined if k not in early]),
+            )
+        },
+    }
+    # The replay's own answer where both articles matched and were placed.
+    both_placed = [k for k in agreed if k[0] in placed and k[1] in placed]
+    out["replay_co_membership"] = prf(
+        [bool(a_labels[k]["same_event"]) for k in both_placed],
+        [placed[k[0]].story_id == placed[k[1]].story_id for k in both_placed],
+    )
+    errors = []
+    for k in agreed:
+        truth, got = bool(a_labels[k]["same_event"]), decisions[k].story is not None
+        if truth != got:
+            errors.append(
+                {
+                    "a": k[0],
+                    "b": k[1],
+                    "labelled_same_event": truth,
+                    "grouped": got,
+                    "reason": decisions[k].reason,
+                }
+            )
+    out["disagreements_with_labels"] = errors
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--limit", type=int, default=0, help="stream items at most (0: all)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    missing = [str(p) for p in (DEV_PATH, STREAM) if not p.is_file()]
+    if missing:
+        print(f"bench.stories: missing {', '.join(missing)} (the corpus lies in ../shared)")
+        return 2
+
+    from newsmon.classify import stories
+    from newsmon.classify.batch import configured_service
+    from newsmon.migrate import migrate_url
+    from newsmon.settings import Settings
+
+    started = time.perf_counter()
+    stream, _ = load_stream(args.limit)
+    out: dict[str, Any] = {
+        "thresholds": {
+            "same_report_cosine": stories.SAME_REPORT,
+            "related_cosine": stories.RELATED,
+            "news_cycle_days": stories.NEWS_CYCLE / timedelta(days=1),
+            "window_days": stories.WINDOW / timedelta(days=1),
+            "distinctive_share": stories.DISTINCTIVE_SHARE,
+            "new_names_for_update": stories.NEW_NAMES,
+        }
+    }
+    with tempfile.TemporaryDirectory(prefix="newsmon-bench-stories-") as scratch:
+        root = Path(scratch)
+        topics_url = f"sqlite+aiosqlite:///{root / 'topics.db'}"
+        stories_url = f"sqlite+aiosqlite:///{root / 'stories.db'}"
+        asyncio.run(migrate_url(topics_url))
+        asyncio.run(migrate_url(stories_url))
+        settings = Settings(database_url=topics_url)
+        service = asyncio.run(configured_service(settings))
+        memo = MemoEmbedder(service.embedder)
+        topics = [ix.topic for ix in service.indexes]
+        scored = [r for r in stream if admitted(r, topics)]
+        out["stream"] = {
+            "items": len(stream),
+            "scored_items": len(scored),
+            "from": stream[0]["published"],
+            "to": stream[-1]["published"],
+        }
+        t0 = time.perf_counter()
+        replayed = asyncio.run(replay(scored, service, memo, stories_url))
+        placed = replayed.pop("placed")
+        out["replay"] = replayed | {"seconds": round(time.perf_counter() - t0, 1)}
+        out["stories"] = asyncio.run(story_summary(stories_url))
+        context = asyncio.run(open_stories(stories_url))
+
+        if PAIRS.is_file() and all(p.is_file() for p in LABELLERS):
+            pairs = jsonl(PAIRS)
+            labels = [{(x["a"], x["b"]): x for x in jsonl(p)} for p in LABELLERS]
+            wanted = {i for p in pairs for i in (p["a"], p["b"])}
+            rows = {r["id"]: r for r in jsonl(STREAM) if r["id"] in wanted}
+            out["pairs"] = evaluate_pairs(pairs, labels, rows, memo, context, placed)
+        else:
+            out["pairs"] = None
+            print("bench.stories: no pair labels yet (bench/data/story-pairs-{a,b}.jsonl)")
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    report(out)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2, default=str) + "\n", encoding="utf-8")
+    print(f"\nwrote {args.out} in {out['seconds']} s")
+    return 0
+
+
+def cell(value: float | None) -> str:
+    return f"{'n/a':>6}" if value is None else f"{value:6.3f}"
+
+
+def report(out: dict[str, Any]) -> None:
+    replayed = out["replay"]
+    print(
+        f"replay: {out['stream']['scored_items']} of {out['stream']['items']} items scored,"
+        f" {replayed['matched_articles']} matched, over {replayed['span_days']} days"
+        f" ({replayed['seconds']} s)"
+    )
+    print(f"  {'topic':<17}{'alerts':>7}{'stories':>8}{'/day':>7}{'/day':>7}{'max/day':>9}")
+    for topic, m in replayed["per_topic"].items():
+        print(
+            f"  {topic:<17}{m['alerts_without_stories']:>7}{m['alerts_with_stories']:>8}"
+            f"{m['per_day_without']:>7}{m['per_day_with']:>7}"
+            f"{m['max_day_without']:>5}->{m['max_day_with']}"
+        )
+    summary = out["stories"]
+    print(f"stories: {summary['stories']}, sizes {summary['sizes']}")
+    for s in summary["largest"][:3]:
+        print(
+            f"  {s['articles']} articles ({s['updates']} updates, {s['sources']} sources,"
+            f" {s['first_seen'][:10]}..{s['last_seen'][:10]}): {s['title']!r}"
+        )
+    pairs = out.get("pairs")
+    if not pairs:
+        return
+    same, dev = pairs["agreement"]["same_event"], pairs["agreement"]["development"]
+    print(
+        f"pairs: {pairs['pairs_labelled_by_both']} labelled by both; agreement same_event"
+        f" {same['percent']}% (kappa {same['kappa']}), development {dev['percent']}%"
+        f" (kappa {dev['kappa']}, n={dev['n']})"
+    )
+    for name, m in pairs["grouping"].items():
+        print(
+            f"  grouping, {name:<17} n={m['n']:>3} P{cell(m['precision'])} R{cell(m['recall'])}"
+            f" F1{cell(m['f1'])}"
+        )
+    for name in ("on_grouped_pairs", "earlier half", "later half"):
+        d = pairs["development"][name]
+        print(
+            f"  development, {name:<17} n={d['n']:>3} P{cell(d['precision'])}"
+            f" R{cell(d['recall'])} F1{cell(d['f1'])} (grouped same-event pairs)"
+        )
+    r = pairs["replay_co_membership"]
+    print(
+        f"  replay co-membership on {r['n']} pairs both matched: P{cell(r['precision'])}"
+        f" R{cell(r['recall'])}"
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
