@@ -183,3 +183,19 @@ async def test_a_backfill_carries_the_stories_its_articles_are_in(
     }
     [story] = (await client.get("/stories", params={"topic": "fentanyl-too"})).json()["items"]
     assert story["topics"] == ["fentanyl", "fentanyl-too"] and story["article_count"] == 2
+
+
+async def test_a_restart_in_the_middle_of_a_story_changes_nothing(engine: Any) -> None:
+    """A second service on the same database (a restart, or another process) goes on with the
+    story the first began: nothing about stories lives in a process."""
+    first = ClassifyService(SETTINGS, MemoryBus(), engine, WordEmbedder(), [WORD_TOPIC])
+    await first.start()
+    await first.handle_batch(messages(*STREAM[:2]))
+    [_, before] = await published(first.bus)  # type: ignore[arg-type]
+    restarted = ClassifyService(SETTINGS, MemoryBus(), engine, WordEmbedder(), [WORD_TOPIC])
+    await restarted.start()
+    await restarted.handle_batch(messages(STREAM[3]))
+    [after] = await published(restarted.bus)  # type: ignore[arg-type]
+    assert before.story is not None and after.story is not None
+    assert after.story.story_id == before.story.story_id
+    assert (after.story.article_count, after.story.update) == (3, True)
