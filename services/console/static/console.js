@@ -146,7 +146,10 @@ function pageLogin(view) {
         state.session = session;
         clearNotice();
         drawWho();
-        location.hash = "#/topics";
+        // Back to the page that asked for the login, if one did.
+        const target = location.hash && location.hash !== "#/login" ? location.hash : "#/topics";
+        if (location.hash === target) route();
+        else location.hash = target;
       }
     },
   },
@@ -666,6 +669,11 @@ function subscriptionCard(s) {
   return card;
 }
 
+function gap(from, to) {
+  const s = (Date.parse(to) - Date.parse(from)) / 1000;
+  return s < 60 ? `${s.toFixed(1)} s` : s < 3600 ? `${Math.round(s / 60)} min` : `${(s / 3600).toFixed(1)} h`;
+}
+
 async function pageDeliveryDetail(view, id) {
   const d = await api("GET", `/deliveries/${encodeURIComponent(id)}`);
   const article = (d.payload && d.payload.data && d.payload.data.article) || {};
@@ -679,7 +687,9 @@ async function pageDeliveryDetail(view, id) {
     view.append(h("p", {}, retry, " ", h("button", { type: "button", class: "secondary", onclick: route }, "Refresh")));
   }
   const steps = d.attempt_log.map((a, i) => h("li", { class: a.error ? "failed" : "succeeded" },
-    h("strong", {}, `#${i + 1} `), when(a.attempted_at), ` · ${a.status_code === null ? "no answer" : "HTTP " + a.status_code} · ${Math.round(a.latency_ms)} ms`,
+    h("strong", {}, `#${i + 1} `), when(a.attempted_at),
+    i ? h("span", { class: "muted" }, ` (+${gap(d.attempt_log[i - 1].attempted_at, a.attempted_at)})`) : "",
+    ` · ${a.status_code === null ? "no answer" : "HTTP " + a.status_code} · ${Math.round(a.latency_ms)} ms`,
     a.error ? h("div", { class: "error" }, a.error) : h("div", { class: "muted" }, "delivered")));
   view.append(h("section", { class: "card", "aria-labelledby": "att-h" }, h("h2", { id: "att-h" }, "Attempts"),
     steps.length ? h("ol", { class: "timeline", id: "attempts" }, steps) : h("p", { class: "muted" }, "No attempt yet.")));
