@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response, status
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
@@ -83,8 +83,9 @@ def build_app(
     return app
 
 
-# Swagger UI and ReDoc, as the fastapi-offline package ships them: nothing of /docs comes
-# from another host, so the page works on a machine without internet.
+# Swagger UI, as the fastapi-offline package ships it: nothing of /docs comes from another
+# host, so the page works on a machine without internet. (No ReDoc: its page fetches its own
+# logo from cdn.redoc.ly whatever it is given.)
 DOCS_ASSETS = Path(str(files("fastapi_offline") / "static"))
 _DOCS_STATIC = "/docs/assets"
 
@@ -103,16 +104,6 @@ def _offline_docs(app: FastAPI) -> None:
             swagger_favicon_url=favicon,
             # The validator badge would send the schema's URL to validator.swagger.io.
             swagger_ui_parameters={"validatorUrl": None},
-        )
-
-    @app.get("/redoc", include_in_schema=False)
-    async def redoc() -> HTMLResponse:
-        return get_redoc_html(
-            openapi_url="/openapi.json",
-            title="newsmon API",
-            redoc_js_url=f"{_DOCS_STATIC}/redoc.standalone.js",
-            redoc_favicon_url=favicon,
-            with_google_fonts=False,
         )
 
 

@@ -89,7 +89,7 @@ def feed() -> bytes:
 class Newsmon:
     """``newsmon run`` in a process of its own, and the loopback servers it talks to."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *, keys: bool = True) -> None:
         self.server = LoopbackServer()
         self.hooks_fail = True
         self.server.routes["/feed.xml"] = Reply(
@@ -107,12 +107,13 @@ class Newsmon:
         )
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
+        api_keys = [
+            {"name": "ops", "key": ADMIN_KEY, "role": "admin"},
+            {"name": "dash", "key": READ_KEY, "role": "read"},
+        ]
         env = {
             **os.environ,
-            "NEWSMON_API_KEYS": json.dumps([
-                {"name": "ops", "key": ADMIN_KEY, "role": "admin"},
-                {"name": "dash", "key": READ_KEY, "role": "read"},
-            ]),
+            "NEWSMON_API_KEYS": json.dumps(api_keys if keys else []),
             "NEWSMON_DATABASE_URL": f"sqlite+aiosqlite:///{tmp / 'newsmon.db'}",
             "NEWSMON_FEEDS_FILE": str(tmp / "feeds.toml"),
             "NEWSMON_SUBSCRIPTIONS_FILE": str(tmp / "subscriptions.toml"),
@@ -208,7 +209,9 @@ def page(browser: Any, newsmon: Newsmon) -> Iterator[Any]:
     outside: list[str] = []
     page.on(
         "request",
-        lambda r: None if r.url.startswith(newsmon.base) else outside.append(r.url),
+        lambda r: (
+            None if r.url.startswith((newsmon.base, "blob:", "data:")) else outside.append(r.url)
+        ),
     )
     yield page
     context.close()
@@ -361,6 +364,33 @@ def test_replaying_a_dead_delivery_reaches_the_receiver(page: Any, newsmon: News
     body = verify_standard_webhook(replayed[0], SECRET)
     assert body["type"] == "article.matched"
     assert page.locator("#attempts li.succeeded").count() == 1
+
+
+def test_the_api_docs_draw_offline(page: Any, newsmon: Newsmon) -> None:
+    """Swagger UI from the package: the page fixture fails on any outside request."""
+    page.goto(newsmon.base + "/docs")
+    page.wait_for_selector(".swagger-ui .info .title")
+    assert "newsmon" in page.inner_text(".swagger-ui .info .title")
+    page.wait_for_selector(".opblock-tag")  # the operations, from /openapi.json
+
+
+def test_with_no_api_keys_the_console_needs_no_login(
+    browser: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    service = Newsmon(tmp_path_factory.mktemp("open"), keys=False)
+    try:
+        service.wait("/readyz", lambda r: r["ready"])
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(service.base + "/console#/feeds")
+        page.wait_for_selector(".feed")
+        assert "open mode" in page.inner_text("#who")
+        assert page.locator("#api-key").count() == 0
+        # Open on loopback means anyone here may change things: the controls are there.
+        assert page.locator(".feed button", has_text="Poll now").count() == 2
+        context.close()
+    finally:
+        service.close()
 
 
 def test_every_page_at_1080p_and_375px(page: Any, newsmon: Newsmon, tmp_path: Path) -> None:
