@@ -92,9 +92,11 @@ class Pipeline:
         (tmp_path / "feeds.toml").write_text(
             f'[[feeds]]\nurl = "{feed.url("/feed.xml")}"\ninterval_s = 60\n'
         )
+        # Every article, not one alert per story: what is counted is each (article, topic).
         (tmp_path / "subscriptions.toml").write_text(
             f'[[subscriptions]]\nid = "hook"\nchannel = "webhook"\n'
             f'url = "{receiver.url("/hook")}"\nsecret = "{SECRET}"\ntopics = ["fentanyl"]\n'
+            'grouping = "article"\n'
         )
         self.env = {
             "NEWSMON_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'newsmon.db'}",
