@@ -291,6 +291,28 @@ def test_an_admin_moves_the_threshold_and_saves_a_new_version(page: Any, newsmon
     assert saved["version"] == before["version"] + 1 and saved["threshold"] == 1.0
 
 
+def test_a_draft_is_created_saved_previewed_and_made_live(page: Any, newsmon: Newsmon) -> None:
+    log_in(page, newsmon, ADMIN_KEY)
+    page.fill("#new-slug", "opioid-policy")
+    page.fill("#new-name", "Opioid policy")
+    page.fill("#new-description", "Laws and penalties aimed at fentanyl and other opioids.")
+    page.fill("#new-examples", "Lawmakers weigh new penalties for fentanyl dealers.")
+    page.get_by_role("button", name="Create draft").click()
+    page.wait_for_selector("#topic-status >> text=draft")
+    assert page.inner_text("#topic-version") == "v1"
+    page.wait_for_selector("#matching-draft")  # a draft is previewed like any topic
+    page.fill("#f-exclude_any", "film")
+    page.get_by_role("button", name="Save draft").click()
+    page.wait_for_function("() => document.querySelector('#topic-version')?.textContent === 'v2'")
+    assert page.inner_text("#topic-status") == "draft"
+    assert "exclude_any: + film" in page.locator("#history .version-entry").first.inner_text()
+    page.get_by_role("button", name="Make live").click()
+    page.wait_for_function("() => document.querySelector('#topic-status')?.textContent === 'live'")
+    assert page.inner_text("#topic-version") == "v3"
+    assert "published" in page.locator("#history .version-entry").first.inner_text()
+    assert newsmon.get("/topics/opioid-policy")["status"] == "live"
+
+
 def test_three_labels_from_the_review_queue_bump_the_topic_version(
     page: Any, newsmon: Newsmon
 ) -> None:
@@ -330,6 +352,14 @@ def test_a_failing_feed_shows_its_error_first(page: Any, newsmon: Newsmon) -> No
     first.get_by_role("button", name="Poll now").click()
     page.wait_for_selector("#notice:not([hidden])")
     assert page.locator(".feed").first.get_attribute("data-state") == "failing"
+    # Pause and resume the good feed.
+    good = page.locator(".feed", has_text="Loopback news")
+    feed_id = good.get_attribute("data-feed")
+    good.get_by_role("button", name="Pause").click()
+    page.wait_for_selector(".feed[data-state=paused]")
+    page.locator(".feed[data-state=paused]").get_by_role("button", name="Resume").click()
+    page.wait_for_function("() => !document.querySelector('.feed[data-state=paused]')")
+    assert newsmon.get(f"/feeds/{feed_id}")["paused"] is False
     # The API's refusal is shown as it came, field by field.
     page.get_by_text("Add a feed").click()
     page.fill("#feed-url", "ftp://example.org/feed.xml")
