@@ -91,7 +91,9 @@ def build_router(settings: Settings) -> APIRouter:
     async def page() -> Response:
         """The console's one page; what it shows is drawn by its script."""
         body, media_type = _asset("index.html")
-        return Response(body, media_type=media_type, headers=_HEADERS)
+        return Response(
+            body, media_type=media_type, headers={**_HEADERS, "Cache-Control": "no-cache"}
+        )
 
     @router.get("/static/{name}", include_in_schema=False)
     async def asset(name: str) -> Response:
