@@ -621,18 +621,21 @@ async function pageDelivery(view, params) {
   view.append(h("section", { "aria-labelledby": "subs-h" }, h("h2", { id: "subs-h" }, "Subscriptions"), h("ul", { class: "grid plain", id: "subscriptions" }, subs.map(subscriptionCard))));
   const tab = (label, s) => h("a", { href: link(["delivery"], { status: s, subscription: sub }), "aria-current": s === status ? "page" : null }, label);
   view.append(h("h2", {}, "Deliveries"));
-  view.append(h("nav", { class: "tabs", "aria-label": "Delivery status" }, tab("All", ""), tab("Pending", "pending"), tab("Delivered", "delivered"), tab("Dead letters", "dead")));
+  view.append(h("nav", { class: "tabs", "aria-label": "Delivery status" }, tab("All", ""), tab("Pending", "pending"), tab("Held", "held"), tab("Delivered", "delivered"), tab("Dead letters", "dead"), tab("Suppressed", "suppressed")));
   if (sub) view.append(h("p", {}, `Subscription ${sub} · `, h("a", { href: link(["delivery"], { status }) }, "all subscriptions")));
   const more = deliveries.length > limit;
   view.append(h("ul", { class: "plain", id: "deliveries" }, deliveries.slice(0, limit).map((d) => h("li", { class: "card delivery", "data-status": d.status },
     h("a", { href: link(["delivery", d.id]) }, `${d.topic} · ${d.article_id}`), " ",
-    h("span", { class: "badge " + ({ delivered: "ok", dead: "bad", pending: "warn" })[d.status] }, d.status),
+    h("span", { class: "badge " + DELIVERY_BADGE[d.status] }, d.status),
     h("div", { class: "muted" }, `to ${d.subscription_id} · created `, when(d.created_at), ` · ${d.attempts} attempt${d.attempts === 1 ? "" : "s"}`, d.next_attempt_at ? [" · next ", when(d.next_attempt_at)] : ""),
     d.last_error ? h("div", { class: "error" }, d.last_error) : null))));
   if (!deliveries.length) view.append(h("p", { class: "muted" }, "None."));
   view.append(h("p", { class: "pager" }, offset > 0 ? h("a", { href: link(["delivery"], { status, subscription: sub, offset: Math.max(0, offset - limit) }) }, "← newer") : "", " ",
     more ? h("a", { href: link(["delivery"], { status, subscription: sub, offset: offset + limit }) }, "older →") : ""));
 }
+
+// held: waiting for quiet hours or a budget; suppressed: a later article of a story already sent.
+const DELIVERY_BADGE = { delivered: "ok", dead: "bad", pending: "warn", held: "warn", suppressed: "" };
 
 function health(s) {
   if (s.disabled_reason) return h("span", { class: "badge bad" }, "disabled: " + s.disabled_reason);
@@ -678,7 +681,7 @@ async function pageDeliveryDetail(view, id) {
   const d = await api("GET", `/deliveries/${encodeURIComponent(id)}`);
   const article = (d.payload && d.payload.data && d.payload.data.article) || {};
   view.append(h("p", { class: "crumbs" }, h("a", { href: "#/delivery" }, "Delivery"), " / ", d.id));
-  view.append(h("h1", {}, article.title || d.article_id, " ", h("span", { class: "badge " + ({ delivered: "ok", dead: "bad", pending: "warn" })[d.status], id: "delivery-status" }, d.status)));
+  view.append(h("h1", {}, article.title || d.article_id, " ", h("span", { class: "badge " + DELIVERY_BADGE[d.status], id: "delivery-status" }, d.status)));
   view.append(h("p", {}, `${d.topic} → ${d.subscription_id} · created `, when(d.created_at), d.next_attempt_at ? [" · next attempt ", when(d.next_attempt_at)] : ""));
   if (canEdit()) {
     const retry = h("button", { type: "button", id: "retry-delivery", "data-edit": "", onclick: async () => {
