@@ -496,6 +496,8 @@ class DeliveryStore:
                     .values(period_start=bindparam("b_start"), used=bindparam("b_used")),
                     spent,
                 )
+            # In the batch's order, which is the order they are sent in (a batch redelivered
+            # to a second process comes in the same order: the rows lock in one order).
             if values:
                 await conn.execute(insert_ignoring_duplicates(engine, deliveries), values)
         return made
