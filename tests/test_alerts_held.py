@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from newsmon.alerts.delivery_store import delivery_id
+from newsmon.alerts.delivery_store import DeliveryFilter, delivery_id
 from newsmon.alerts.payload import summary_id
 from newsmon.alerts.schedule import Budget, QuietHours
 from newsmon.alerts.service import AlertsService
@@ -213,3 +214,27 @@ async def test_two_processes_at_the_release_send_one_summary(
     assert len(receiver.hits) == 1
     summary = bodies(receiver)[0]["data"]
     assert summary["count"] == 8
+
+
+async def test_processes_recording_at_once_share_one_budget(engine: Any) -> None:
+    """Two alerts processes record matches for one budgeted subscription at the same moment:
+    the budget's row is locked while it is counted, so exactly the budget goes at once."""
+    other = open_engine(engine.url.render_as_string(hide_password=False))
+    sub = Subscription(id="s1", channel="log", budget=Budget(max_alerts=3, per="day"))
+    clock = Clock(utc(2026, 5, 1, 10, 5))
+    services = [
+        AlertsService(Settings(), MemoryBus(), eng, [sub], clock=clock) for eng in (engine, other)
+    ]
+    try:
+        await services[0].ensure_seeded()
+        for round_ in range(3):
+            batches = [[article(f"{who}{round_}-{i}") for i in range(4)] for who in ("x", "y")]
+            await asyncio.gather(
+                *(s.handle_batch(b) for s, b in zip(services, batches, strict=True))
+            )
+        rows = await services[0].deliveries.deliveries(DeliveryFilter("s1"), 100, 0)
+    finally:
+        await other.dispose()
+    statuses = Counter(d.status for d in rows)
+    assert statuses == Counter({"pending": 3, "held": 21})
+    assert {d.next_attempt_at for d in rows if d.status == "held"} == {utc(2026, 5, 2)}
