@@ -156,6 +156,8 @@ async def test_quiet_hours_hold_until_the_local_morning_across_the_spring_forwar
     clock.now = utc(2026, 3, 29, 1, 30)  # 03:30 CEST: after the jump, still quiet
     async with alerts(engine, [sub], clock=clock) as (service, api):
         await service.handle_batch([article("a2")])
+        later = in_story(matched("a1-rewrite"), "story-a1", 4)  # a1's story grows meanwhile
+        assert await service.handle_batch([message(later)]) == 0
         await at(clock, service, utc(2026, 3, 29, 4, 59, 59))  # 06:59:59 CEST
         assert len(receiver.hits) == 1 and len(await held(api)) == 2
         await at(clock, service, utc(2026, 3, 29, 5, 0))
@@ -165,6 +167,9 @@ async def test_quiet_hours_hold_until_the_local_morning_across_the_spring_forwar
     summary = bodies(receiver)[1]["data"]
     assert summary["held_for"] == ["quiet_hours"]
     assert [a["article"]["id"] for a in summary["alerts"]] == ["a1", "a2"]
+    grown, same = (a["story"] for a in summary["alerts"])
+    assert (grown["article_count"], grown["article_count_now"]) == (1, 4)
+    assert "article_count_now" not in same
 
 
 async def test_quiet_hours_end_at_the_local_morning_of_the_fall_back_night(

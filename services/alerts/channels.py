@@ -26,9 +26,12 @@ def held(rows: Sequence[Delivery]) -> bool:
 
 
 def held_summary(sub: Subscription, rows: Sequence[Delivery]) -> tuple[str, bytes]:
-    """The id and body of the ``alerts.summary`` that carries held alerts, the same on every
-    attempt of the same alerts."""
-    body = build_summary(sub.id, [(r.id, r.payload, r.held_reason, r.created_at) for r in rows])
+    """The id and body of the ``alerts.summary`` that carries held alerts (the id is the same
+    on every attempt of the same alerts), with how far their stories have grown."""
+    counts = {r.story_id: r.story_articles_now for r in rows if r.story_id and r.story_articles_now}
+    body = build_summary(
+        sub.id, [(r.id, r.payload, r.held_reason, r.created_at) for r in rows], counts
+    )
     return summary_id([r.id for r in rows]), body
 
 

@@ -95,6 +95,8 @@ class Delivery:
     updated_at: datetime
     story_id: str | None = None
     held_reason: str | None = None
+    # Held alerts only, when released: the story's articles by then (this subscription's).
+    story_articles_now: int | None = None
 
     @cached_property
     def document(self) -> Any:
@@ -533,6 +535,23 @@ class DeliveryStore:
         async with self._engine.begin() as conn:
             taken = [_delivery(r) for r in (await conn.execute(query)).mappings()]
         return sorted(taken, key=lambda d: (d.created_at, d.id))
+
+    async def story_counts(self, sub_id: str, story_ids: Collection[str]) -> dict[str, int]:
+        """The article count each story has reached among ``sub_id``'s deliveries (its alerts
+        and its suppressed articles), from their payloads."""
+        counts: dict[str, int] = {}
+        stories = sorted(story_ids)
+        async with self._engine.connect() as conn:
+            for i in range(0, len(stories), _CHUNK):
+                query = select(deliveries.c.story_id, deliveries.c.payload).where(
+                    deliveries.c.subscription_id == sub_id,
+                    deliveries.c.story_id.in_(stories[i : i + _CHUNK]),
+                )
+                for story_id, payload in await conn.execute(query):
+                    story = json.loads(payload)["data"].get("story") or {}
+                    count = story.get("article_count") or 0
+                    counts[story_id] = max(counts.get(story_id, 0), count)
+        return counts
 
     async def count(self, status: str) -> int:
         query = select(func.count()).select_from(deliveries).where(deliveries.c.status == status)

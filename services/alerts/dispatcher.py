@@ -22,6 +22,7 @@ under the same ``webhook-id``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -295,6 +296,7 @@ class Dispatcher:
                     rows = [r for r in rows if r.id not in busy]
                     if not rows:  # another process took them
                         continue
+                    rows = await self._with_story_counts(sub.id, rows)
                 else:
                     rows = [delivery]
                 self._start(sub, rows, failing)
@@ -309,6 +311,20 @@ class Dispatcher:
                 return True
             if started == 0:
                 return False
+
+    async def _with_story_counts(self, sub_id: str, rows: list[Delivery]) -> list[Delivery]:
+        """Held alerts with how far their stories have grown while they waited."""
+        try:
+            counts = await self._deliveries.story_counts(
+                sub_id, {r.story_id for r in rows if r.story_id}
+            )
+        except Exception as exc:  # the counts are a courtesy: the alerts go without them
+            log.warning("story counts of %s not read: %r", sub_id, exc)
+            return rows
+        return [
+            dataclasses.replace(r, story_articles_now=counts.get(r.story_id)) if r.story_id else r
+            for r in rows
+        ]
 
     def _start(self, sub: Subscription, rows: list[Delivery], failing: bool) -> None:
         flight = _Flight(sub.id, failing, tuple(r.id for r in rows))

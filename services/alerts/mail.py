@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 import aiosmtplib
 
-from newsmon.alerts.channels import held
+from newsmon.alerts.channels import held, held_summary
 from newsmon.alerts.delivery_store import Delivery
 from newsmon.alerts.payload import held_for, story_line, summary_id
 from newsmon.alerts.policy import Outcome, digest_period
@@ -226,8 +226,13 @@ class EmailChannel:
             if held(rows)
             else rows[0].id
         )
+        alerts = (
+            json.loads(held_summary(sub, rows)[1])["data"]["alerts"]  # with the stories' growth
+            if held(rows) and not digest
+            else [json.loads(r.payload)["data"] for r in rows]
+        )
         message = render(
-            [json.loads(r.payload)["data"] for r in rows],
+            alerts,
             sender=settings.smtp_from,
             recipient=sub.email,
             message_id=message_id,

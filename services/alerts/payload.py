@@ -94,16 +94,24 @@ def summary_id(delivery_ids: Sequence[str]) -> str:
 
 
 def build_summary(
-    subscription_id: str, held: Sequence[tuple[str, bytes, str | None, datetime]]
+    subscription_id: str,
+    held: Sequence[tuple[str, bytes, str | None, datetime]],
+    story_counts: Mapping[str, int] | None = None,
 ) -> bytes:
     """One body for alerts that were held: ``held`` is (delivery id, alert payload, why it was
     held, when it was recorded) per alert, oldest first. Each alert is listed whole, as its own
-    webhook would have carried it. The body is the same on every attempt (its timestamp is
-    when the latest of them was recorded)."""
+    webhook would have carried it; where its story has grown since (``story_counts``: story id
+    -> articles now), ``story.article_count_now`` says how far. The timestamp is when the
+    latest of them was recorded."""
     alerts: list[dict[str, Any]] = []
     for delivery_id, payload, _, _ in held:
         alert = json.loads(payload)
-        alerts.append({"delivery_id": delivery_id, "type": alert["type"], **alert["data"]})
+        data = alert["data"]
+        story = data.get("story")
+        now = (story_counts or {}).get(story["id"]) if story else None
+        if story and now and now > story["article_count"]:
+            data["story"] = {**story, "article_count_now": now}
+        alerts.append({"delivery_id": delivery_id, "type": alert["type"], **data})
     body = {
         "type": SUMMARY_EVENT,
         "version": PAYLOAD_VERSION,
@@ -177,7 +185,9 @@ def held_for(reasons: Sequence[str | None]) -> str:
 def story_line(story: Mapping[str, Any]) -> str:
     """One line naming an alert's story: its id and article count, and what is new in it."""
     count = story["article_count"]
-    line = f"{story['id']} ({count} article{'s' if count != 1 else ''})"
+    line = f"{story['id']} ({count} article{'s' if count != 1 else ''}"
+    now = story.get("article_count_now")
+    line += f"; {now} by now)" if now else ")"
     if story.get("update"):
         line += ", updated: " + ("; ".join(story.get("new") or []) or "a new development")
     return line
