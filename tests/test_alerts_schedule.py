@@ -202,6 +202,8 @@ def test_a_digest_due_in_quiet_hours_waits_for_their_end() -> None:
         {"start": "22:00", "end": "07:00", "timezone": "Mars/Olympus_Mons"},
         {"start": "22:00", "end": "07:00", "timezone": "../../etc/passwd"},
         {"start": "22:00", "end": "07:00", "timezone": ""},
+        {"start": "22:00", "end": "07:00", "timezone": "Europe"},  # a directory of zones
+        {"start": "22:00", "end": "07:00", "timezone": "a" * 5000},
         {"start": "24:00", "end": "07:00", "timezone": "UTC"},
         {"start": "7:00", "end": "08:00", "timezone": "UTC"},
         {"start": "22:00", "end": "22:00", "timezone": "UTC"},

@@ -35,7 +35,8 @@ def zone(name: str) -> ZoneInfo:
     """The IANA zone ``name``; ValueError for a name that is not one."""
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
+    # A directory's name (Europe) or one too long for a file name is an OSError.
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
         raise ValueError(f"unknown time zone {name!r} (an IANA name, e.g. Europe/Berlin)") from exc
 
 
@@ -51,7 +52,9 @@ class QuietHours(BaseModel):
 
     start: str = Field(pattern=_WALL_TIME, description="HH:MM, local time", examples=["22:00"])
     end: str = Field(pattern=_WALL_TIME, description="HH:MM, local time", examples=["07:00"])
-    timezone: str = Field(description="IANA time zone name", examples=["Europe/Berlin"])
+    timezone: str = Field(
+        max_length=64, description="IANA time zone name", examples=["Europe/Berlin"]
+    )
     breaks_through: float | None = Field(
         None, ge=0.0, le=1.0, description="alerts scoring at least this go at once; null: none"
     )
@@ -72,7 +75,7 @@ class Budget(BaseModel):
 
     max_alerts: int = Field(ge=1, le=1_000_000)
     per: Literal["hour", "day"]
-    timezone: str = Field("UTC", description="IANA zone whose days count (per day)")
+    timezone: str = Field("UTC", max_length=64, description="IANA zone whose hours and days count")
 
     _zone = field_validator("timezone")(_known_zone)
 
