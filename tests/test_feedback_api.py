@@ -124,8 +124,11 @@ async def newsmon(
     })  # fmt: skip
     bus = MemoryBus()
     classify = ClassifyService(config, bus, engine, WordEmbedder(), [TOPIC])
+    # Every article alerts (the tests' two fentanyl items would be one story), each with its links.
     subscriptions = [
-        Subscription(id="hook", channel="webhook", url=hook.url("/hook"), secret=SECRET),
+        Subscription(
+            id="hook", channel="webhook", url=hook.url("/hook"), secret=SECRET, grouping="article"
+        ),
         Subscription(id="mail", channel="email", email=ADDRESS),
     ]
     alerts = AlertsService(config, bus, engine, subscriptions)
