@@ -437,6 +437,9 @@ def settings_env(
     (workdir / "subscriptions.toml").write_text(
         f'[[subscriptions]]\nid = "bench"\nchannel = "webhook"\n'
         f'url = "http://127.0.0.1:{port}/hook"\nsecret = "{SECRET}"\ntopics = []\n'
+        # Every matching item, not one per story: the latency is measured per item (revisions
+        # from before stories ignore the key).
+        'grouping = "article"\n'
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSMON_")}
     if code is not None:  # another revision's package, found before the installed one
