@@ -33,9 +33,13 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import httpx
 import numpy as np
 import pytest
+from fastapi import APIRouter
+from pydantic import BaseModel
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from newsmon.access import ApiKey
+from newsmon.api import READ_ONLY
 from newsmon.bus import MemoryBus, Message
 from newsmon.classify.model import Vectors
 from newsmon.classify.topics import Topic
@@ -655,3 +659,33 @@ WORD_TOPIC = Topic(
     counter_examples=("football match",),
     threshold=0.6,
 )
+
+
+# The API guard's tests: two keys and a router with a read, a write and a read-only POST. ----
+
+ADMIN = ApiKey(name="ops", key="a" * 32, role="admin")
+READER = ApiKey(name="dash", key="r" * 32, role="read")
+
+
+class Echo(BaseModel):
+    text: str
+
+
+def echo_router() -> APIRouter:
+    """``GET /things`` (a read), ``POST /things`` (a write), ``POST /things/score`` (a POST
+    that changes nothing: a read key may send it)."""
+    router = APIRouter()
+
+    @router.get("/things")
+    async def things() -> list[str]:
+        return ["a"]
+
+    @router.post("/things")
+    async def create(body: Echo) -> Echo:
+        return body
+
+    @router.post("/things/score", openapi_extra=READ_ONLY)
+    async def score(body: Echo) -> int:
+        return len(body.text)
+
+    return router

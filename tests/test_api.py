@@ -7,36 +7,11 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from fastapi import APIRouter
-from pydantic import BaseModel
 
 from newsmon.access import ApiKey, RateLimiter, authorize
-from newsmon.api import READ_ONLY, build_app
+from newsmon.api import build_app
 from newsmon.settings import Settings
-
-ADMIN = ApiKey(name="ops", key="a" * 32, role="admin")
-READER = ApiKey(name="dash", key="r" * 32, role="read")
-
-
-class Echo(BaseModel):
-    text: str
-
-
-def echo_router() -> APIRouter:
-    router = APIRouter()
-
-    @router.get("/things")
-    async def things() -> list[str]:
-        return ["a"]
-
-    @router.post("/things")
-    async def create(body: Echo) -> Echo:
-        return body
-
-    @router.post("/things/score", openapi_extra=READ_ONLY)
-    async def score(body: Echo) -> int:
-        return len(body.text)
-
-    return router
+from tests.helpers import ADMIN, READER, echo_router
 
 
 async def ready() -> dict[str, bool]:

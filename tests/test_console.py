@@ -11,39 +11,12 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import APIRouter
-from pydantic import BaseModel
 
 from newsmon import console
 from newsmon.access import CSRF_HEADER, SESSION_COOKIE, ApiKey, check_session, make_session
-from newsmon.api import READ_ONLY, build_app
+from newsmon.api import build_app
 from newsmon.settings import Settings
-from tests.helpers import WORD_TOPIC, WordEmbedder
-
-ADMIN = ApiKey(name="ops", key="a" * 32, role="admin")
-READER = ApiKey(name="dash", key="r" * 32, role="read")
-
-
-class Echo(BaseModel):
-    text: str
-
-
-def things() -> APIRouter:
-    router = APIRouter()
-
-    @router.get("/things")
-    async def list_things() -> list[str]:
-        return ["a"]
-
-    @router.post("/things")
-    async def create(body: Echo) -> Echo:
-        return body
-
-    @router.post("/things/score", openapi_extra=READ_ONLY)
-    async def score(body: Echo) -> int:
-        return len(body.text)
-
-    return router
+from tests.helpers import ADMIN, READER, WORD_TOPIC, WordEmbedder, echo_router
 
 
 async def ready() -> dict[str, bool]:
@@ -52,7 +25,7 @@ async def ready() -> dict[str, bool]:
 
 def app_for(keys: list[ApiKey]) -> object:
     settings = Settings(api_keys=keys, api_rate_burst=10**6)
-    return build_app([things()], ready, settings, [console.build_router(settings)])
+    return build_app([echo_router()], ready, settings, [console.build_router(settings)])
 
 
 @pytest.fixture
