@@ -689,3 +689,25 @@ def echo_router() -> APIRouter:
         return len(body.text)
 
     return router
+
+
+def feed_with_seed_article(items: Sequence[tuple[str, str]], *, guids: bool = False) -> bytes:
+    """An RSS document: ``items`` (title, description) linked as news.example.org/<n> (with
+    their links as guids when ``guids``), then the seed feed's item."""
+    from xml.sax.saxutils import escape
+
+    seed = (ROOT / "seeds/feeds/seed-article.xml").read_text()
+    seed_item = seed[seed.index("<item>") : seed.index("</item>") + len("</item>")]
+    link = "https://news.example.org/{}"
+    others = "".join(
+        f"<item><title>{escape(t)}</title><link>{link.format(i)}</link>"
+        + (f"<guid>{link.format(i)}</guid>" if guids else "")
+        + f"<description>{escape(d)}</description></item>"
+        for i, (t, d) in enumerate(items)
+    )
+    return (
+        '<?xml version="1.0" encoding="utf-8"?>'
+        '<rss version="2.0" xmlns:content="http://purl.org/rss/1.0/modules/content/"><channel>'
+        f"<title>Loopback news</title><link>https://news.example.org/</link>{others}{seed_item}"
+        "</channel></rss>"
+    ).encode()

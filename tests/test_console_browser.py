@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
-from xml.sax.saxutils import escape
 
 import pytest
 
@@ -29,6 +28,7 @@ from tests.helpers import (
     LoopbackServer,
     Received,
     Reply,
+    feed_with_seed_article,
     free_port,
     unavailable,
     verify_standard_webhook,
@@ -70,22 +70,6 @@ ITEMS = [
 ]  # fmt: skip
 
 
-def feed() -> bytes:
-    seed = (ROOT / "seeds/feeds/seed-article.xml").read_text()
-    seed_item = seed[seed.index("<item>") : seed.index("</item>") + len("</item>")]
-    items = "".join(
-        f"<item><title>{escape(t)}</title><link>https://news.example.org/{i}</link>"
-        f"<guid>https://news.example.org/{i}</guid><description>{escape(d)}</description></item>"
-        for i, (t, d) in enumerate(ITEMS)
-    )
-    return (
-        '<?xml version="1.0" encoding="utf-8"?>'
-        '<rss version="2.0" xmlns:content="http://purl.org/rss/1.0/modules/content/"><channel>'
-        f"<title>Loopback news</title><link>https://news.example.org/</link>{items}{seed_item}"
-        "</channel></rss>"
-    ).encode()
-
-
 class Newsmon:
     """``newsmon run`` in a process of its own, and the loopback servers it talks to."""
 
@@ -93,7 +77,7 @@ class Newsmon:
         self.server = LoopbackServer()
         self.hooks_fail = True
         self.server.routes["/feed.xml"] = Reply(
-            200, feed(), {"content-type": "application/rss+xml"}
+            200, feed_with_seed_article(ITEMS, guids=True), {"content-type": "application/rss+xml"}
         )
         self.server.routes["/broken.xml"] = Reply(500, b"internal error")
         self.server.routes["/hook"] = self._hook

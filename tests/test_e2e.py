@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from xml.sax.saxutils import escape
 
 import httpx
 import pytest
@@ -22,10 +21,10 @@ import pytest
 from newsmon.runner import ROLES, serve
 from newsmon.settings import Settings
 from tests.helpers import (
-    ROOT,
     Broker,
     LoopbackServer,
     Reply,
+    feed_with_seed_article,
     free_port,
     parse_metrics,
     verify_standard_webhook,
@@ -47,23 +46,6 @@ UNRELATED = [
     ("Local team clinches the championship in overtime",
      "A last-second goal sealed the title in front of a sold-out home crowd on Sunday night."),
 ]  # fmt: skip
-
-
-def feed_with_seed_article() -> bytes:
-    """The seed feed's item plus a few unrelated items, as one RSS document."""
-    seed = (ROOT / "seeds/feeds/seed-article.xml").read_text()
-    seed_item = seed[seed.index("<item>") : seed.index("</item>") + len("</item>")]
-    others = "".join(
-        f"<item><title>{escape(t)}</title><link>https://news.example.org/{i}</link>"
-        f"<description>{escape(d)}</description></item>"
-        for i, (t, d) in enumerate(UNRELATED)
-    )
-    return (
-        '<?xml version="1.0" encoding="utf-8"?>'
-        '<rss version="2.0" xmlns:content="http://purl.org/rss/1.0/modules/content/"><channel>'
-        f"<title>Loopback news</title><link>https://news.example.org/</link>{others}{seed_item}"
-        "</channel></rss>"
-    ).encode()
 
 
 def metric_values() -> dict[str, float]:
@@ -100,7 +82,7 @@ def check_alerts(server: LoopbackServer) -> float:
 
 async def test_memory_bus_end_to_end(tmp_path: Path, http_server: LoopbackServer) -> None:
     http_server.routes["/feed.xml"] = Reply(
-        200, feed_with_seed_article(), {"content-type": "application/rss+xml"}
+        200, feed_with_seed_article(UNRELATED), {"content-type": "application/rss+xml"}
     )
     http_server.routes["/hook"] = Reply(204)
     port = free_port()
@@ -148,7 +130,7 @@ async def test_kafka_end_to_end_three_processes(
     tmp_path: Path, http_server: LoopbackServer, kafka: Broker
 ) -> None:
     http_server.routes["/feed.xml"] = Reply(
-        200, feed_with_seed_article(), {"content-type": "application/rss+xml"}
+        200, feed_with_seed_article(UNRELATED), {"content-type": "application/rss+xml"}
     )
     http_server.routes["/hook"] = Reply(204)
     env = {
