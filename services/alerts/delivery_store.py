@@ -4,16 +4,19 @@ A delivery's id is derived from (subscription, article, topic), so a redelivered
 alerts twice. The next attempt's time is stored with the delivery, so a restart resumes the
 schedule where it stopped.
 
-The dispatcher reads due work with its subscriptions in one query (:meth:`DeliveryStore.due`)
-and records finished attempts many at a time (:meth:`DeliveryStore.record`): one transaction,
-a few statements, whatever the number of attempts in it.
+The dispatcher reads due work with its subscriptions in one query (:meth:`DeliveryStore.due`),
+claims what it starts (:meth:`DeliveryStore.claim`, :meth:`DeliveryStore.due_for`) and records
+finished attempts many at a time (:meth:`DeliveryStore.record`): one transaction, a few
+statements, whatever the number of attempts in it. A claim is a lease: the claimed deliveries'
+next attempt moves past the attempt's longest duration, in the statement that checks they are
+still due, so of processes sharing the database one sends each; the outcome sets the real next
+attempt, and a process that dies before it leaves a lease that ends (the delivery goes again).
 
 The fan-out (:meth:`DeliveryStore.add_alerts`) decides in the transaction that records the
 alerts which of them a story already covers (a claim per (subscription, topic, story), unique in
 the database, so racing processes alert once) and which wait for quiet hours or a budget (the
 budget's row is locked while it is counted). Held alerts are released together, once: the
-process that sends them first moves them out of every other's reach
-(:meth:`DeliveryStore.release_held`).
+process that sends them first claims them likewise (:meth:`DeliveryStore.release_held`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from datetime import datetime, timedelta
 from functools import cached_property
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, insert, select, update
+from sqlalchemy import Update, and_, bindparam, func, insert, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -245,21 +248,41 @@ class DeliveryStore:
             value: datetime | None = (await conn.execute(query)).scalar()
         return value
 
-    async def due_for(self, sub_id: str, limit: int) -> list[Delivery]:
-        """One subscription's due deliveries (a digest's contents), oldest first."""
-        query = (
-            select(deliveries)
-            .where(
-                deliveries.c.subscription_id == sub_id,
-                # Held too: alerts held before the subscription became a digest join it.
-                deliveries.c.status.in_(SENDABLE),
-                deliveries.c.next_attempt_at <= self._clock(),
-            )
-            .order_by(deliveries.c.created_at)
-            .limit(limit)
-        )
-        async with self._engine.connect() as conn:
-            return [_delivery(r) for r in (await conn.execute(query)).mappings()]
+    async def claim(self, ids: Collection[str], lease_s: float) -> set[str]:
+        """Take the deliveries ``ids`` for one attempt each: those still due (no other process
+        took them since they were read) are out of every dispatcher's reach for ``lease_s``,
+        until the attempt's outcome sets their next time. Returns the ids this process won."""
+        if not ids:
+            return set()
+        now = self._clock()
+        due = [
+            deliveries.c.id.in_(sorted(ids)),
+            deliveries.c.status.in_(SENDABLE),
+            deliveries.c.next_attempt_at <= now,
+        ]
+        async with self._engine.begin() as conn:
+            taken = await conn.execute(_lease(due, now, lease_s).returning(deliveries.c.id))
+            return {row[0] for row in taken}
+
+    async def due_for(
+        self, sub_id: str, limit: int, lease_s: float, *, exclude: Collection[str] = ()
+    ) -> list[Delivery]:
+        """Take one subscription's oldest ``limit`` due deliveries (a digest's contents) for
+        one attempt, as :meth:`claim` does; oldest first."""
+        now = self._clock()
+        due = [
+            deliveries.c.subscription_id == sub_id,
+            # Held too: alerts held before the subscription became a digest join it.
+            deliveries.c.status.in_(SENDABLE),
+            deliveries.c.next_attempt_at <= now,
+        ]
+        if exclude:
+            due.append(deliveries.c.id.not_in(exclude))
+        order = (deliveries.c.created_at, deliveries.c.id)
+        query = _lease(due, now, lease_s, order, limit).returning(*deliveries.c)
+        async with self._engine.begin() as conn:
+            taken = [_delivery(r) for r in (await conn.execute(query)).mappings()]
+        return sorted(taken, key=lambda d: (d.created_at, d.id))
 
     async def finish_attempt(
         self,
@@ -518,20 +541,8 @@ class DeliveryStore:
             deliveries.c.status.in_(SENDABLE),
             deliveries.c.next_attempt_at == due_at,
         ]
-        oldest = (
-            select(deliveries.c.id)
-            .where(*held)
-            .order_by(deliveries.c.created_at, deliveries.c.id)
-            .limit(limit)
-        )
-        query = (
-            update(deliveries)
-            .where(deliveries.c.id.in_(oldest), *held)
-            .values(
-                status=PENDING, next_attempt_at=now + timedelta(seconds=lease_s), updated_at=now
-            )
-            .returning(*deliveries.c)
-        )
+        order = (deliveries.c.created_at, deliveries.c.id)
+        query = _lease(held, now, lease_s, order, limit, status=PENDING).returning(*deliveries.c)
         async with self._engine.begin() as conn:
             taken = [_delivery(r) for r in (await conn.execute(query)).mappings()]
         return sorted(taken, key=lambda d: (d.created_at, d.id))
@@ -564,6 +575,34 @@ _SUBSCRIPTION_NAMES = [c.name for c in subscriptions.c]
 _SUBSCRIPTION_COLUMNS = [c.label(f"sub_{c.name}") for c in subscriptions.c]
 _SUB_FROM = len(deliveries.c)
 _SUBSCRIPTIONS_KEPT = 10_000
+
+
+def _lease(
+    where: Sequence[Any],
+    now: datetime,
+    lease_s: float,
+    order: Sequence[Any] = (),
+    limit: int | None = None,
+    **values: Any,
+) -> Update:
+    """The statement that takes the deliveries ``where`` selects (the first ``limit`` by
+    ``order``) for ``lease_s``: their next attempt moves to the lease's end. The conditions are
+    checked again on each row as the update finds it, after any other transaction that took
+    it has committed, so one process wins each row; PostgreSQL skips rows another transaction
+    holds (no waiting on another process's claim, no deadlock between two)."""
+    chosen = (
+        select(deliveries.c.id)
+        .where(*where)
+        .order_by(*order)
+        .limit(limit)
+        .with_for_update(skip_locked=True)  # SQLite: nothing (one writer at a time)
+    )
+    return (
+        update(deliveries)
+        .where(deliveries.c.id.in_(chosen), *where)
+        .values(next_attempt_at=now + timedelta(seconds=lease_s), updated_at=now, **values)
+    )
+
 
 # A finished attempt's consequence for one delivery, for many deliveries at once (executemany).
 _SET_OUTCOME = update(deliveries).where(deliveries.c.id == bindparam("b_id"))

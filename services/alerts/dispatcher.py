@@ -8,15 +8,16 @@ An endpoint not yet known to fail is slow once an attempt to it goes unanswered 
 (nothing more starts for it) and its attempts leave the healthy ones' slots; open exchanges of
 every kind together stay within twice ``delivery_concurrency``.
 A digest subscription's due deliveries go out together, as one attempt; so do the alerts that
-quiet hours or a budget held until one time (one summary webhook or digest email), taken from
-the store first so that no other process sends them too.
+quiet hours or a budget held until one time (one summary webhook or digest email). Whatever
+starts is claimed in the store first, for a lease longer than the attempt may last, so that no
+other process sends it too.
 
 Finished attempts are recorded in batches (:class:`_Recorder`): whatever finished while the
 last write ran goes into the next transaction. An attempt's slot is free once its exchange
 ends, but its deliveries stay out of every query for due work until its outcome is written, so
 no delivery is ever started twice at once; at most as many outcomes as there are slots wait to
-be written. A crash before the write leaves the delivery pending as it was: it is sent again,
-under the same ``webhook-id``.
+be written. A crash before the write leaves the delivery pending under its lease: it is sent
+again once the lease ends, under the same ``webhook-id``.
 """
 
 from __future__ import annotations
@@ -52,9 +53,12 @@ FILL_PAUSE_S = 0.005
 SLOW_AFTER_S = 0.5
 # Most alerts in one digest email; more wait for the next one.
 DIGEST_MAX_ITEMS = 200
-# Held alerts taken for an attempt stay out of every dispatcher's reach this much longer than
-# the attempt may last; if the process dies meanwhile, they are sent again after it.
-HELD_LEASE_MARGIN_S = 60.0
+# Deliveries claimed for an attempt stay out of every dispatcher's reach this much longer than
+# the attempt may last (its channel's total deadline): time for its outcome to be written (in a
+# batch, once more after RECORD_RETRY_S if that fails; on stopping, RECORD_LAST_S), for a busy
+# event loop, and for the clocks of hosts to disagree. Longer would only delay what a dead
+# process left unsent; shorter risks a second send while the first one's outcome is written.
+LEASE_MARGIN_S = 15.0
 # A batch of attempts that failed to record is tried once more after this pause; then its
 # deliveries are left pending, to be sent again (same webhook-id).
 RECORD_RETRY_S = 1.0
@@ -162,9 +166,12 @@ class Dispatcher:
     ) -> None:
         self._settings = settings
         self._clock = clock
-        self._held_lease_s = (
-            max(settings.webhook_timeout_s, settings.smtp_timeout_s) + HELD_LEASE_MARGIN_S
-        )
+        # A claim's lease, by channel: the longest an attempt through it takes, and the margin.
+        self._leases = {
+            "webhook": settings.webhook_timeout_s + LEASE_MARGIN_S,
+            "email": settings.smtp_timeout_s + LEASE_MARGIN_S,
+        }
+        self._lease_any = max(self._leases.values())
         self._deliveries = deliveries
         self._channels = channels
         self._rng = random.Random()  # noqa: S311  (jitter, not secrets)
@@ -211,8 +218,9 @@ class Dispatcher:
         """How long to sleep unless woken: until the next retry falls due, at most a while.
 
         What is due already and was not started waits for room, and a recorded attempt wakes
-        us when there is some. While attempts are in flight their deliveries count as due, so
-        the store's earliest due time says nothing: the retries recorded here say when.
+        us when there is some. While attempts are in flight their deliveries' next time is
+        their lease's end, so the store's earliest due time says nothing: the retries recorded
+        here say when.
         """
         timeout = DISPATCH_IDLE_S
         if not exhausted:  # waiting for room: an attempt turning slow makes some
@@ -273,6 +281,8 @@ class Dispatcher:
                 healthy_only=failing_room <= 0,
             )
             started = 0
+            # Claimed together after the loop, one statement per lease.
+            plain: dict[float, list[tuple[Subscription, Delivery, bool]]] = {}
             for item in due:
                 delivery, sub = item.delivery, item.subscription
                 if started >= room or delivery.id in busy:
@@ -285,32 +295,47 @@ class Dispatcher:
                 if self._digest(sub):
                     if per_sub[sub.id]:
                         continue
-                    rows = await self._deliveries.due_for(sub.id, DIGEST_MAX_ITEMS)
-                    rows = [r for r in rows if r.id not in busy]
-                    if not rows:
+                    rows = await self._deliveries.due_for(
+                        sub.id, DIGEST_MAX_ITEMS, self._lease_s(sub), exclude=busy
+                    )
+                    if not rows:  # another process took them
                         continue
                 elif delivery.held_reason is not None:  # with those held until the same time
                     rows = await self._deliveries.release_held(
-                        sub.id, delivery.next_attempt_at, self._held_lease_s, DIGEST_MAX_ITEMS
+                        sub.id, delivery.next_attempt_at, self._lease_s(sub), DIGEST_MAX_ITEMS
                     )
                     rows = [r for r in rows if r.id not in busy]
                     if not rows:  # another process took them
                         continue
                     rows = await self._with_story_counts(sub.id, rows)
-                else:
-                    rows = [delivery]
-                self._start(sub, rows, failing)
-                busy.update(r.id for r in rows)
+                else:  # started after the loop, once claimed with the others
+                    plain.setdefault(self._lease_s(sub), []).append((sub, delivery, failing))
+                    rows = []
+                if rows:
+                    self._start(sub, rows, failing)
+                    busy.update(r.id for r in rows)
                 per_sub[sub.id] += 1
                 started += 1
                 if failing:
                     failing_subs.add(sub.id)
                     failing_room -= 1
-            # One subscription's backlog can fill a whole query; look again past it.
+            lost = 0  # taken by another process since the query: not ours to send
+            for lease_s, chosen in plain.items():
+                won = await self._deliveries.claim([d.id for _, d, _ in chosen], lease_s)
+                for sub, delivery, failing in chosen:
+                    if delivery.id in won:
+                        self._start(sub, [delivery], failing)
+                lost += len(chosen) - len(won)
+            started -= lost
+            # One subscription's backlog can fill a whole query; look again past it (and past
+            # what others took: no longer due).
             if len(due) < room:
                 return True
-            if started == 0:
+            if started == 0 and not lost:
                 return False
+
+    def _lease_s(self, sub: Subscription) -> float:
+        return self._leases.get(sub.channel, self._lease_any)
 
     async def _with_story_counts(self, sub_id: str, rows: list[Delivery]) -> list[Delivery]:
         """Held alerts with how far their stories have grown while they waited."""
