@@ -21,6 +21,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -176,3 +177,24 @@ class RateLimiter:
             return 0.0
         self._buckets[who] = (tokens, now)
         return (1.0 - tokens) / rate
+
+
+def cross_site_write(
+    method: str, fetch_site: str | None, origin: str | None, host: str | None
+) -> str | None:
+    """Why a state-changing request is refused as another site's, or None.
+
+    Where no key is asked for (the open API on loopback, the links in alerts), a page on any
+    site the operator visits could make the browser send a write that needs no body (disable a
+    topic, pause a feed). Browsers say where a request comes from: ``Sec-Fetch-Site``, and
+    ``Origin`` on every cross-origin write; curl and other clients send neither, and are let be.
+    """
+    if method.upper() in READ_METHODS:
+        return None
+    if fetch_site in ("cross-site", "same-site"):
+        return f"refused: a {fetch_site} request from a browser"
+    if origin is not None and (
+        origin == "null" or urlsplit(origin).netloc.lower() != (host or "").lower()
+    ):
+        return f"refused: a request from another origin ({origin[:100]})"
+    return None

@@ -30,6 +30,7 @@ from newsmon.access import (
     authorize,
     authorize_session,
     check_session,
+    cross_site_write,
 )
 from newsmon.settings import Settings
 
@@ -168,6 +169,14 @@ def _guard(keys: list[ApiKey], limiter: RateLimiter) -> Callable[[Request], Awai
             # Who did it, for what the request records (a label names its author).
             request.state.actor = f"key {decision.key.name}" if decision.key else "?"
         else:
+            refused = cross_site_write(
+                request.method,
+                request.headers.get("sec-fetch-site"),
+                request.headers.get("origin"),
+                request.headers.get("host"),
+            )
+            if refused:
+                raise HTTPException(403, refused)
             who = f"addr:{address}"
             request.state.actor = f"client {address} (no API keys configured)"
         limit(who)

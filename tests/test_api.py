@@ -8,7 +8,7 @@ import httpx
 import pytest
 from fastapi import APIRouter
 
-from newsmon.access import ApiKey, RateLimiter, authorize
+from newsmon.access import ApiKey, RateLimiter, authorize, cross_site_write
 from newsmon.api import build_app
 from newsmon.settings import Settings
 from tests.helpers import ADMIN, READER, echo_router
@@ -142,3 +142,34 @@ def test_settings_refuse_an_open_api_beyond_loopback() -> None:
 async def test_public_routes_need_no_key_but_are_rate_limited(client: httpx.AsyncClient) -> None:
     assert (await client.post("/links/t0k3n")).json() == "t0k3n"
     assert (await client.post("/things", json={"text": "x"})).status_code == 401
+
+
+async def test_without_keys_a_browser_write_from_another_site_is_refused() -> None:
+    """Open on loopback, the API takes writes from curl, and from its own pages, but not the
+    ones another site's page makes the operator's browser send."""
+    app = build_app([echo_router()], ready, Settings())
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as c:
+        body = {"text": "x"}
+        assert (await c.post("/things", json=body)).status_code == 200
+        same = {"Sec-Fetch-Site": "same-origin", "Origin": "http://127.0.0.1:8000"}
+        assert (await c.post("/things", json=body, headers=same)).status_code == 200
+        for headers in (
+            {"Sec-Fetch-Site": "cross-site"},
+            {"Sec-Fetch-Site": "same-site"},
+            {"Origin": "https://evil.example"},
+            {"Origin": "null"},
+        ):
+            refused = await c.post("/things", json=body, headers=headers)
+            assert refused.status_code == 403, headers
+            assert refused.json()["detail"].startswith("refused: a ")
+        # Reads are not writes: a cross-site GET changes nothing (and the browser hides it).
+        assert (await c.get("/things", headers={"Sec-Fetch-Site": "cross-site"})).json() == ["a"]
+
+
+def test_cross_site_write_as_a_plain_function() -> None:
+    assert cross_site_write("POST", None, None, "127.0.0.1:8000") is None
+    assert cross_site_write("DELETE", "none", None, "localhost:8000") is None  # typed URL
+    assert cross_site_write("GET", "cross-site", "https://evil.example", "x") is None
+    assert cross_site_write("PATCH", None, "http://LOCALHOST:8000", "localhost:8000") is None
+    assert cross_site_write("POST", None, "http://localhost:8001", "localhost:8000")
