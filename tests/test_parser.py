@@ -889,6 +889,21 @@ def test_article_link_is_the_published_link_resolved_only_when_relative() -> Non
     assert item.link == "https://json.example/blog/posts/1?print"
 
 
+def test_a_link_that_is_no_web_page_is_dropped() -> None:
+    """A feed's ``javascript:`` or ``data:`` link would become something to click in an email
+    or a dashboard; the article keeps no link (and takes its id from title and date)."""
+    items = (
+        "<item><title>A</title><link>javascript:alert(document.cookie)</link></item>"
+        "<item><title>B</title><link> JavaScript:alert(1)</link></item>"
+        "<item><title>C</title><link>data:text/html,&lt;b&gt;x&lt;/b&gt;</link></item>"
+        "<item><title>D</title><link>HTTPS://example.com/d</link></item>"
+    )
+    a, b, c, d = parse_feed(_rss(items), "https://example.com/feed").articles
+    assert (a.link, b.link, c.link) == ("", "", "")
+    assert d.link.lower() == "https://example.com/d"  # an upper-case scheme is still the web
+    assert len({a.article_id, b.article_id, c.article_id}) == 3
+
+
 # HTML to text: hostile and broken markup ---------------------------------------------------------
 
 

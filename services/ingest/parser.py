@@ -314,14 +314,20 @@ def article_id(
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
+_WEB_SCHEMES = frozenset({"http", "https"})
+
+
 def _resolve(base: str, link: str) -> str:
-    """``link`` as published, made absolute against ``base`` if relative; ``""`` for none."""
+    """``link`` as published, made absolute against ``base`` if relative; ``""`` for none, and
+    for a link that is no web page (``javascript:``, ``data:``, ``mailto:``): a subscriber's
+    mail client or dashboard would make it a link to click."""
     link = link.strip()
     if not link:
         return ""
     try:
-        if urlsplit(link).scheme:
-            return link  # urljoin would re-serialise it (an empty "?" or "#" goes, for one)
+        if scheme := urlsplit(link).scheme:
+            # urljoin would re-serialise it (an empty "?" or "#" goes, for one)
+            return link if scheme.lower() in _WEB_SCHEMES else ""
         return urljoin(base, link)
     except ValueError:  # e.g. a malformed IPv6 host in the link or the base
         return link

@@ -24,6 +24,14 @@ function h(tag, attrs, ...children) {
   return el;
 }
 
+// A link that came from a feed: only http(s) becomes a link (a feed may say "javascript:...").
+function external(url, label) {
+  let scheme = "";
+  try { scheme = new URL(url).protocol; } catch (e) { scheme = ""; }
+  if (scheme !== "http:" && scheme !== "https:") return label === url ? url : `${label} (${url})`;
+  return h("a", { href: url, rel: "noreferrer noopener", target: "_blank" }, label);
+}
+
 const canEdit = () => state.session && state.session.role === "admin";
 const main = () => document.getElementById("main");
 const fmt = (x, d = 3) => (x === null || x === undefined ? "–" : Number(x).toFixed(d));
@@ -436,7 +444,7 @@ async function pageReview(view, slug) {
   const cards = review.items.map((item) => {
     const card = h("li", { class: "card review-item", tabindex: 0, "data-article": item.article_id, "aria-label": item.title },
       h("h2", {}, h("a", { href: link(["article", item.article_id]) }, item.title || item.article_id)),
-      h("p", {}, scoreLine(item.score), " · ", item.side, " the threshold · ", when(item.classified_at), " · ", item.link ? h("a", { href: item.link, rel: "noreferrer noopener", target: "_blank" }, "source") : ""),
+      h("p", {}, scoreLine(item.score), " · ", item.side, " the threshold · ", when(item.classified_at), " · ", item.link ? external(item.link, "source") : ""),
       evidence(item.score.evidence));
     if (canEdit()) {
       card.append(h("div", { class: "row" },
@@ -494,7 +502,7 @@ async function pageArticle(view, id) {
   const a = await api("GET", `/articles/${encodeURIComponent(id)}`);
   view.append(h("p", { class: "crumbs" }, h("a", { href: "#/articles" }, "Articles"), " / ", a.article_id));
   view.append(h("h1", {}, a.title || a.article_id));
-  view.append(h("p", {}, a.link ? h("a", { href: a.link, rel: "noreferrer noopener", target: "_blank" }, a.link) : "", " · classified ", when(a.classified_at), ` · ${a.passages} passages`));
+  view.append(h("p", {}, a.link ? external(a.link, a.link) : "", " · classified ", when(a.classified_at), ` · ${a.passages} passages`));
   for (const s of a.scores) {
     const d = a.decided[s.topic];
     view.append(h("section", { class: "card" },
