@@ -16,6 +16,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import ipaddress
 import json
 import secrets
 import time
@@ -198,3 +199,24 @@ def cross_site_write(
     ):
         return f"refused: a request from another origin ({origin[:100]})"
     return None
+
+
+def loopback_host(host: str | None) -> bool:
+    """Whether a ``Host`` header names this machine by a loopback name or address.
+
+    The open API listens on loopback only, yet a page on another site can rename itself to
+    127.0.0.1 (DNS rebinding) and have the browser talk to it as that site, same-origin; the
+    browser still sends the site's name as ``Host``.
+    """
+    if not host:
+        return False
+    try:
+        name = urlsplit("//" + host).hostname or ""
+    except ValueError:
+        return False
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False

@@ -31,6 +31,7 @@ from newsmon.access import (
     authorize_session,
     check_session,
     cross_site_write,
+    loopback_host,
 )
 from newsmon.settings import Settings
 
@@ -75,7 +76,7 @@ def build_app(
         return {"ready": ready, "checks": checks}
 
     limiter = RateLimiter(settings.api_rate_per_minute, settings.api_rate_burst)
-    guard = Depends(_guard(settings.api_keys, limiter))
+    guard = Depends(_guard(settings.api_keys, limiter, open_api=not settings.api_keys))
     for router in routers:
         app.include_router(router, dependencies=[guard])
     open_guard = Depends(_guard([], limiter))
@@ -131,7 +132,12 @@ READ_ONLY_KEY = "x-newsmon-read-only"
 READ_ONLY: dict[str, Any] = {READ_ONLY_KEY: True}
 
 
-def _guard(keys: list[ApiKey], limiter: RateLimiter) -> Callable[[Request], Awaitable[None]]:
+def _guard(
+    keys: list[ApiKey], limiter: RateLimiter, *, open_api: bool = False
+) -> Callable[[Request], Awaitable[None]]:
+    """``open_api``: the operator API without keys (on loopback), which answers a browser only
+    under a loopback name (the public links, reached by their public host, are not it)."""
+
     def limit(who: str) -> None:
         wait = limiter.acquire(who)
         if wait > 0:
@@ -175,6 +181,10 @@ def _guard(keys: list[ApiKey], limiter: RateLimiter) -> Callable[[Request], Awai
                 request.headers.get("origin"),
                 request.headers.get("host"),
             )
+            host = request.headers.get("host")
+            if open_api and "sec-fetch-site" in request.headers and not loopback_host(host):
+                # A browser that calls this machine by another site's name: DNS rebinding.
+                refused = f"refused: a browser request for host {host!r}; use 127.0.0.1"
             if refused:
                 raise HTTPException(403, refused)
             who = f"addr:{address}"

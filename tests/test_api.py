@@ -8,7 +8,7 @@ import httpx
 import pytest
 from fastapi import APIRouter
 
-from newsmon.access import ApiKey, RateLimiter, authorize, cross_site_write
+from newsmon.access import ApiKey, RateLimiter, authorize, cross_site_write, loopback_host
 from newsmon.api import build_app
 from newsmon.settings import Settings
 from tests.helpers import ADMIN, READER, echo_router
@@ -165,6 +165,30 @@ async def test_without_keys_a_browser_write_from_another_site_is_refused() -> No
             assert refused.json()["detail"].startswith("refused: a ")
         # Reads are not writes: a cross-site GET changes nothing (and the browser hides it).
         assert (await c.get("/things", headers={"Sec-Fetch-Site": "cross-site"})).json() == ["a"]
+
+
+async def test_without_keys_a_browser_must_call_the_api_by_a_loopback_name() -> None:
+    """DNS rebinding: another site renames itself to 127.0.0.1, and the browser calls the API
+    same-origin, but under the site's own name."""
+    app = build_app([echo_router()], ready, Settings())
+    transport = httpx.ASGITransport(app=app)
+    browser = {"Sec-Fetch-Site": "same-origin"}
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as c:
+        rebound = await c.get("/things", headers={**browser, "Host": "evil.example:8000"})
+        assert rebound.status_code == 403
+        assert "evil.example:8000" in rebound.json()["detail"]
+        for host in ("localhost:8000", "127.0.0.1:8000", "[::1]:8000", "app.localhost"):
+            answer = await c.get("/things", headers={**browser, "Host": host})
+            assert answer.status_code == 200, host
+        # Not a browser (no Sec-Fetch-*): a client that names the host itself is let be.
+        assert (await c.get("/things", headers={"Host": "newsmon.internal"})).status_code == 200
+
+
+def test_loopback_host_names() -> None:
+    assert loopback_host("127.0.0.1:8000") and loopback_host("[::1]") and loopback_host("localhost")
+    assert loopback_host("127.9.9.9") and loopback_host("api.localhost:1")
+    assert not loopback_host("evil.example") and not loopback_host("10.0.0.1:8000")
+    assert not loopback_host(None) and not loopback_host("[::1") and not loopback_host("")
 
 
 def test_cross_site_write_as_a_plain_function() -> None:
