@@ -25,7 +25,14 @@ the labels existed (``stories``' docstring), then revised once on the earlier ha
 pairs by date (its F1 decided among variants; the later half's figures were printed for each
 variant too, so that half is not blind): the figures are given for both halves.
 
+**Scale.** ``--scale`` instead: the decisions' cost with 1,000 open stories of 400 facts
+(synthetic), the definition (``stories.decide`` over every story, per article) and the indexed
+``stories.assign`` side by side on the same stories, then ``store.assign_stories`` end to end
+on scratch SQLite: per article, the event loop's longest stall, and another writer's longest
+wait. Writes ``bench/results/stories-scale.json``; needs no corpus.
+
     python -m bench.stories [--limit N]
+    python -m bench.stories --scale
 
 Writes ``bench/results/stories.json``. Without the corpus it says what is missing and exits 2;
 without the label files it reports the replay only.
@@ -36,12 +43,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sqlite3
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -56,6 +65,7 @@ DATA = REPO / "bench" / "data"
 PAIRS = DATA / "story-pairs.jsonl"
 LABELLERS = (DATA / "story-pairs-a.jsonl", DATA / "story-pairs-b.jsonl")
 RESULTS = REPO / "bench" / "results" / "stories.json"
+SCALE_RESULTS = REPO / "bench" / "results" / "stories-scale.json"
 
 
 def jsonl(path: Path) -> list[dict[str, Any]]:
@@ -411,11 +421,268 @@ def evaluate_pairs(
     return out
 
 
+def synthetic(
+    n_stories: int, n_facts: int, n_candidates: int, *, dim: int = 384, seed: int = 7
+) -> tuple[list[Any], list[Any]]:
+    """Open stories of ``n_facts`` facts each (a few common to most, the rest names drawn from
+    a large pool) around 100 topic directions, and candidates after them: half another report
+    of a random story (near it, some of its names), half new events; in time order."""
+    import numpy as np
+
+    from newsmon.classify import stories
+
+    rng = np.random.default_rng(seed)
+    t0 = datetime(2022, 11, 1, tzinfo=UTC)
+    centres = rng.normal(size=(100, dim))
+    pool = [f"name{i}" for i in range(20 * n_facts)]
+    common = [f"common{i}" for i in range(20)]
+
+    def unit(v: Any) -> Any:
+        return (v / np.linalg.norm(v)).astype(np.float32)
+
+    open_ = []
+    for i in range(n_stories):
+        count = int(rng.integers(1, 6))
+        keys = common + list(rng.choice(pool, n_facts - len(common), replace=False))
+        at = t0 + timedelta(hours=float(rng.uniform(0, 24 * 25)))
+        open_.append(
+            stories.Story(
+                story_id=f"s{i}",
+                title=f"story {i}",
+                first_seen=at - timedelta(days=1),
+                last_seen=at,
+                article_count=count,
+                vector_sum=count * unit(centres[i % 100] + rng.normal(size=dim) * 0.8),
+                facts={k: k.title() for k in keys},
+            )
+        )
+    candidates = []
+    for j in range(n_candidates):
+        at = t0 + timedelta(days=25, minutes=10 * j)
+        if j % 2 == 0:
+            story = open_[int(rng.integers(n_stories))]
+            near = rng.choice([0.05, 0.5, 0.9])
+            vector = unit(story.vector_sum / story.article_count + rng.normal(size=dim) * near / 20)
+            keys = list(rng.choice(list(story.facts)[20:], 6, replace=False))
+        else:
+            vector = unit(centres[j % 100] + rng.normal(size=dim) * 0.8)
+            keys = list(rng.choice(pool, 6, replace=False))
+        keys += [f"fresh{j}-{k}" for k in range(6)] + list(common[:3])
+        candidates.append(
+            stories.Candidate(
+                f"a{j}", f"article {j}", "Feed", at, vector, {k: k.title() for k in keys}
+            )
+        )
+    return open_, candidates
+
+
+def reference_assign(candidates: Sequence[tuple[str, Any]], open_: Sequence[Any]) -> list[Any]:
+    """``stories.assign`` as it was: ``stories.decide`` over every story per candidate."""
+    from newsmon.classify import stories
+
+    current = {s.story_id: s for s in open_}
+    decisions = []
+    for new_id, candidate in candidates:
+        decision = stories.decide(candidate, list(current.values()))
+        story = (
+            stories.start(new_id, candidate)
+            if decision.story is None
+            else stories.join(current[decision.story.story_id], candidate)
+        )
+        current[story.story_id] = story
+        decisions.append(decision)
+    return decisions
+
+
+async def store_at_scale(open_: Sequence[Any], candidates: Sequence[Any]) -> dict[str, Any]:
+    """``store.assign_stories`` on a scratch SQLite database holding ``open_`` (one stored
+    article each): seconds per article, the event loop's longest stall meanwhile, and the
+    longest another writer of the same database (its own connection and thread, as another
+    process's) waited for its one-row write."""
+    import numpy as np
+
+    from newsmon.classify import store
+    from newsmon.db import open_engine
+    from newsmon.migrate import migrate_url
+
+    with tempfile.TemporaryDirectory(prefix="newsmon-bench-scale-") as scratch:
+        path = Path(scratch) / "scale.db"
+        url = f"sqlite+aiosqlite:///{path}"
+        await migrate_url(url)
+        engine = open_engine(url)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(
+                    store.stories_table.insert(),
+                    [
+                        {
+                            "id": s.story_id,
+                            "title": s.title,
+                            "first_article_id": f"m-{s.story_id}",
+                            "first_seen": s.first_seen,
+                            "last_seen": s.last_seen,
+                            "article_count": 1,
+                            "updates": 0,
+                            "vector_sum": s.vector_sum.astype(np.float32).tobytes(),
+                            "facts": s.facts,
+                            "topics": ["fentanyl"],
+                            "created_at": s.first_seen,
+                        }
+                        for s in open_
+                    ],
+                )
+                await conn.execute(
+                    store.story_articles_table.insert(),
+                    [
+                        {
+                            "article_id": f"m-{s.story_id}",
+                            "story_id": s.story_id,
+                            "position": 1,
+                            "title": s.title,
+                            "link": "",
+                            "source": "Feed",
+                            "published": s.first_seen,
+                            "update": False,
+                            "new": [],
+                            "reason": "",
+                            "similarity": None,
+                            "topics": ["fentanyl"],
+                            "vector": unit16(s.vector_sum),
+                            "joined_at": s.first_seen,
+                        }
+                        for s in open_
+                    ],
+                )
+            stall = wait = 0.0
+            locked = 0
+            done = threading.Event()
+
+            async def ticker() -> None:
+                nonlocal stall
+                while not done.is_set():
+                    t = time.perf_counter()
+                    await asyncio.sleep(0.001)
+                    stall = max(stall, time.perf_counter() - t - 0.001)
+
+            def writer() -> None:
+                # Another process's writer: its own thread and connection, SQLite's 30 s wait.
+                nonlocal wait, locked
+                db = sqlite3.connect(path, timeout=30, isolation_level=None)
+                try:
+                    while not done.is_set():
+                        t = time.perf_counter()
+                        try:
+                            db.execute("BEGIN IMMEDIATE")
+                            db.execute("UPDATE classify_state SET value = '' WHERE key = 'x'")
+                            db.execute("COMMIT")
+                        except sqlite3.OperationalError:
+                            locked += 1
+                        wait = max(wait, time.perf_counter() - t)
+                        time.sleep(0.02)
+                finally:
+                    db.close()
+
+            inputs = [store.StoryInput(c, "", ("fentanyl",)) for c in candidates]
+            tasks = [asyncio.create_task(ticker()), asyncio.create_task(asyncio.to_thread(writer))]
+            await asyncio.sleep(0.05)
+            t = time.perf_counter()
+            try:
+                refs = await store.assign_stories(engine, inputs)
+            finally:
+                seconds = time.perf_counter() - t
+                done.set()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            await engine.dispose()
+    return {
+        "articles": len(inputs),
+        "seconds": round(seconds, 2),
+        "ms_per_article": round(1000 * seconds / len(inputs), 1),
+        "joined": sum(r.article_count > 1 for r in refs.values()),
+        "loop_longest_stall_ms": round(1000 * stall, 1),
+        "other_writer_longest_wait_ms": round(1000 * wait, 1),
+        "other_writer_database_is_locked": locked,
+    }
+
+
+def unit16(vector_sum: Any) -> bytes:
+    import numpy as np
+
+    v = vector_sum / np.linalg.norm(vector_sum)
+    return bytes(v.astype(np.float16).tobytes())
+
+
+def scale(n_stories: int = 1000, n_facts: int = 400) -> dict[str, Any]:
+    """The decisions' cost with ``n_stories`` open stories of ``n_facts`` facts: the old way
+    (``reference_assign``) and ``stories.assign`` side by side on the same synthetic stories
+    and candidates (and the same answers), then the store end to end."""
+    from newsmon.classify import stories
+
+    open_, candidates = synthetic(n_stories, n_facts, 64)
+    pairs = [(f"new{i}", c) for i, c in enumerate(candidates)]
+    t = time.perf_counter()
+    before = reference_assign(pairs[:16], open_)
+    reference = (time.perf_counter() - t) / 16
+    t = time.perf_counter()
+    decided, _ = stories.assign(pairs, open_)
+    indexed = (time.perf_counter() - t) / len(pairs)
+    same = [(d.story and d.story.story_id, d.reason) for d in before] == [
+        (d.story and d.story.story_id, d.reason) for _, _, d in decided[:16]
+    ]
+    out: dict[str, Any] = {
+        "open_stories": n_stories,
+        "facts_per_story": n_facts,
+        "decide_ms_per_article": {
+            "recounting (before)": round(1000 * reference, 2),
+            "indexed (stories.assign)": round(1000 * indexed, 2),
+        },
+        "same_decisions": same,
+        "joined": sum(d.story is not None for _, _, d in decided),
+    }
+    _, backfill = synthetic(n_stories, n_facts, 1200, seed=8)
+    out["store"] = {
+        "batch of 64": asyncio.run(store_at_scale(open_, candidates)),
+        "backfill of 1200": asyncio.run(store_at_scale(open_, backfill)),
+    }
+    return out
+
+
+def report_scale(out: dict[str, Any]) -> None:
+    ms = out["decide_ms_per_article"]
+    print(
+        f"scale: {out['open_stories']} open stories of {out['facts_per_story']} facts: deciding"
+        f" {ms['recounting (before)']} ms per article recounting (before),"
+        f" {ms['indexed (stories.assign)']} ms indexed; same decisions: {out['same_decisions']}"
+    )
+    for name, m in out["store"].items():
+        print(
+            f"  store.assign_stories, {name:<16} {m['seconds']:>6} s ({m['ms_per_article']} ms"
+            f" per article, {m['joined']} joined); event loop's longest stall"
+            f" {m['loop_longest_stall_ms']} ms; another writer waited at most"
+            f" {m['other_writer_longest_wait_ms']} ms ({m['other_writer_database_is_locked']}"
+            " times 'database is locked')"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--limit", type=int, default=0, help="stream items at most (0: all)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="only the cost at scale: 1,000 open stories of 400 facts, synthetic",
+    )
     args = parser.parse_args(argv)
+    if args.scale:
+        measured = scale()
+        report_scale(measured)
+        target = args.out or SCALE_RESULTS
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(measured, indent=2) + "\n", encoding="utf-8")
+        print(f"\nwrote {target}")
+        return 0
+    args.out = args.out or RESULTS
     missing = [str(p) for p in (DEV_PATH, STREAM) if not p.is_file()]
     if missing:
         print(f"bench.stories: missing {', '.join(missing)} (the corpus lies in ../shared)")

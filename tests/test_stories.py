@@ -250,3 +250,82 @@ def test_real_model_tells_a_rewrite_a_development_and_another_event(embedder: An
     assert ids == ["s0", "s0", "s2", "s0"], [d.reason for _, _, d in decided]
     assert updates == [False, False, False, True], [d.reason for _, _, d in decided]
     assert "extradited" in decided[3][2].new
+
+
+def _large_call(
+    n_stories: int, n_facts: int, n_candidates: int, *, seed: int = 3
+) -> tuple[list[stories.Story], list[tuple[str, Candidate]]]:
+    """Open stories of ``n_facts`` facts around a few directions, over 40 days (so stories
+    leave a later candidate's window), and candidates that report on one of them (near it, with
+    some of its names: a rewrite, a related report) or on something new, partly out of order."""
+    rng = np.random.default_rng(seed)
+    dim = 24
+    centres = rng.normal(size=(12, dim))
+    pool = [f"Name{i}" for i in range(8 * n_facts)]
+    common = [f"Common{i}" for i in range(30)]
+
+    def unit(v: Any) -> Any:
+        return (v / np.linalg.norm(v)).astype(np.float32)
+
+    open_ = []
+    for i in range(n_stories):
+        count = int(rng.integers(1, 4))
+        names = [*common, *rng.choice(pool, n_facts - len(common) - 2, replace=False)]
+        figures = [f"#{int(rng.integers(100, 110))}kilo", f"~{rng.choice(['arrested', 'seized'])}"]
+        facts = {stories.fold(n): n for n in names} | {f: f for f in figures}
+        at = T0 + timedelta(hours=float(rng.uniform(0, 24 * 40)))
+        vector = unit(centres[i % 12] + rng.normal(size=dim) * 0.6)
+        open_.append(
+            stories.Story(
+                f"s{i}", f"story {i}", at - timedelta(days=2), at, count, count * vector, facts
+            )
+        )
+    candidates = []
+    for j in range(n_candidates):
+        at = T0 + timedelta(days=20, hours=j * 12 + float(rng.uniform(-30, 30)))
+        story = open_[int(rng.integers(n_stories))]
+        if j % 3 != 2:
+            noise = float(rng.choice([0.02, 0.1, 0.2]))
+            vector = unit(story.vector_sum / story.article_count + rng.normal(size=dim) * noise)
+            keys = list(rng.choice(list(story.facts)[30:-2], int(rng.integers(0, 4))))
+            keys.append(list(story.facts)[-2 - int(rng.integers(0, 2))])
+        else:
+            vector = unit(centres[j % 12] + rng.normal(size=dim) * 0.6)
+            keys = [stories.fold(n) for n in rng.choice(pool, 3, replace=False)]
+        facts = {k: k for k in keys} | {f"fresh{j}": f"Fresh{j}", "common1": "Common1"}
+        candidates.append(
+            (f"new{j}", Candidate(f"a{j}", f"article {j}", "Feed", at, vector, facts))
+        )
+    return open_, candidates
+
+
+def test_a_large_call_decides_as_the_definition_does() -> None:
+    """``assign`` (an index of the open stories kept across the call) answers, article after
+    article, what ``decide`` over every story answers: same story, similarity, shared facts,
+    update and reason, with 1,000 open stories of 400 facts and stories joining, starting and
+    leaving the window as the call goes."""
+    open_, candidates = _large_call(1000, 400, 30)
+    decided, changed = assign(candidates, open_)
+    current = {s.story_id: s for s in open_}
+    kinds: set[str] = set()
+    for (new_id, cand), (placed, story, decision) in zip(candidates, decided, strict=True):
+        expected = decide(cand, list(current.values()))
+        assert placed is cand
+        assert decision == expected, (decision.reason, expected.reason)
+        if expected.story is None:
+            assert story.story_id == new_id
+            kinds.add("new")
+        else:
+            assert story.story_id == expected.story.story_id
+            kinds.add("same report" if "shared" not in expected.reason else "shared facts")
+        current[story.story_id] = story
+    assert kinds == {"new", "same report", "shared facts"}
+    assert {s.story_id for s in changed} == {s.story_id for _, s, _ in decided}
+
+
+def test_the_index_answers_with_context_as_decide_does() -> None:
+    open_, candidates = _large_call(200, 60, 8, seed=5)
+    context, around = open_[:150], open_[150:]
+    for _, cand in candidates:
+        index = stories.OpenStories(around, context=context)
+        assert index.decide(cand) == decide(cand, around, context=context)

@@ -123,3 +123,39 @@ async def test_old_stories_expire_and_newest_activity_lists_first(engine: Any) -
     second = await list_stories(engine, topic=None, limit=1, offset=1)
     assert second.total == 2 and [s["id"] for s in second.items] == [mid["mid"].story_id]
     assert (await list_stories(engine, topic="other", limit=10, offset=0)).total == 0
+
+
+async def test_a_large_call_is_placed_in_bounded_transactions(
+    engine: Any, monkeypatch: Any
+) -> None:
+    """150 reports of three events: three transactions (64, 64, 22), and the stories grow
+    across them as in one."""
+    sizes: list[int] = []
+    batch = store._assign_batch
+
+    async def counted(engine: Any, inputs: Any, **kwargs: Any) -> Any:
+        sizes.append(len(inputs))
+        return await batch(engine, inputs, **kwargs)
+
+    monkeypatch.setattr(store, "_assign_batch", counted)
+    monkeypatch.setattr(store, "_STORY_BATCH_GAP", 0.0)
+    inputs = [item(f"a{i}", (1.0, 0.0, -1.0)[i % 3], hours=i / 10) for i in range(150)]
+    refs = await assign_stories(engine, inputs)
+    assert sizes == [64, 64, 22]
+    assert len(refs) == 150 and len({r.story_id for r in refs.values()}) == 3
+    for k in range(3):
+        assert [refs[f"a{i}"].article_count for i in range(k, 150, 3)] == list(range(1, 51))
+        assert {refs[f"a{i}"].story_id for i in range(k, 150, 3)} == {refs[f"a{k}"].story_id}
+    page = await list_stories(engine, topic=None, limit=10, offset=0)
+    assert sorted(s["article_count"] for s in page.items) == [50, 50, 50]
+
+
+async def test_an_old_article_keeps_the_story_its_event_names(engine: Any) -> None:
+    """An article published more than the retention before the rest of its call is placed in
+    a story that stays (its event points to it); a later call expires it."""
+    late = store.STORY_RETENTION.total_seconds() / 3600 + 1
+    refs = await assign_stories(engine, [item("old"), item("new", 0.5, hours=late)])
+    assert await get_story(engine, refs["old"].story_id) is not None
+    await assign_stories(engine, [item("newer", 0.0, hours=late + 1)])
+    assert await get_story(engine, refs["old"].story_id) is None
+    assert await get_story(engine, refs["new"].story_id) is not None
