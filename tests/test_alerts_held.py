@@ -243,3 +243,127 @@ async def test_processes_recording_at_once_share_one_budget(engine: Any) -> None
     statuses = Counter(d.status for d in rows)
     assert statuses == Counter({"pending": 3, "held": 21})
     assert {d.next_attempt_at for d in rows if d.status == "held"} == {utc(2026, 5, 2)}
+
+
+# Quiet hours and budgets are decided again as an alert goes, not only as it is recorded.
+
+NIGHTS_STRICT = QuietHours(start="22:00", end="07:00", timezone="Europe/Berlin")
+
+
+async def test_a_backlog_resumed_in_quiet_hours_waits_for_their_end_in_one_summary(
+    engine: Any, receiver: Receiver
+) -> None:
+    """Alerts recorded in the evening while the subscription was disabled (each within its
+    hour's budget) do not go when it is resumed at 02:30 Berlin: they are held for 07:00."""
+    sub = hook(receiver, quiet_hours=NIGHTS_STRICT, budget=HOURLY)
+    clock = Clock(utc(2026, 5, 1, 18, 0))  # 20:00 CEST
+    async with alerts(engine, [sub], clock=clock) as (service, api):
+        await service.ensure_seeded()
+        assert await service.subscriptions.update_subscription("s1", disabled_reason="HTTP 410")
+        for hour, ids in ((18, (0, 1)), (19, (2, 3))):
+            clock.now = utc(2026, 5, 1, hour, 0)
+            assert await service.handle_batch([article(f"a{i}") for i in ids]) == 2
+            await asyncio.sleep(0.1)
+        clock.now = utc(2026, 5, 2, 0, 30)  # 02:30 CEST
+        assert (await api.post("/subscriptions/s1/resume")).status_code == 200
+        await at(clock, service, utc(2026, 5, 2, 0, 30))
+        assert receiver.hits == []
+        waiting = await held(api)
+        assert sorted(d["article_id"] for d in waiting) == ["a0", "a1", "a2", "a3"]
+        assert {(d["held_reason"], d["next_attempt_at"]) for d in waiting} == {
+            ("quiet_hours", "2026-05-02T05:00:00Z")
+        }
+        await at(clock, service, utc(2026, 5, 2, 5, 0))  # 07:00 CEST
+        await until(lambda: len(receiver.hits) == 1)
+        await asyncio.sleep(0.3)
+    assert len(receiver.hits) == 1
+    summary = bodies(receiver)[0]
+    assert summary["type"] == "alerts.summary" and summary["data"]["count"] == 4
+
+
+async def test_a_backlog_resumed_in_a_later_hour_spends_that_hours_budget(
+    engine: Any, receiver: Receiver
+) -> None:
+    """Alerts recorded yesterday while disabled count in the hour they go in: two go at once,
+    the rest wait for the hour's end, together."""
+    clock = Clock(utc(2026, 5, 1, 8, 0))
+    async with alerts(engine, [hook(receiver, budget=HOURLY)], clock=clock) as (service, api):
+        await service.ensure_seeded()
+        assert await service.subscriptions.update_subscription("s1", disabled_reason="HTTP 410")
+        for hour, ids in ((8, (0, 1)), (9, (2, 3)), (10, (4, 5))):
+            clock.now = utc(2026, 5, 1, hour, 0)
+            assert await service.handle_batch([article(f"a{i}") for i in ids]) == 2
+            await asyncio.sleep(0.1)
+        clock.now = utc(2026, 5, 2, 12, 10)
+        assert (await api.post("/subscriptions/s1/resume")).status_code == 200
+        await at(clock, service, utc(2026, 5, 2, 12, 10))
+        await until(lambda: len(receiver.hits) == 2)
+        await asyncio.sleep(0.3)
+        assert len(receiver.hits) == 2
+        waiting = await held(api)
+        assert {(d["held_reason"], d["next_attempt_at"]) for d in waiting} == {
+            ("budget", "2026-05-02T13:00:00Z")
+        }
+        assert len(waiting) == 4
+        # A retry of what went, or a second look, spends nothing more.
+        await at(clock, service, utc(2026, 5, 2, 12, 30))
+        assert len(receiver.hits) == 2
+        await at(clock, service, utc(2026, 5, 2, 13, 0))
+        await until(lambda: len(receiver.hits) == 3)
+    kinds = [b["type"] for b in bodies(receiver)]
+    assert kinds == ["article.matched", "article.matched", "alerts.summary"]
+    assert bodies(receiver)[2]["data"]["count"] == 4
+
+
+async def test_a_retry_due_in_quiet_hours_waits_for_their_end_as_itself(
+    engine: Any, receiver: Receiver
+) -> None:
+    """An alert sent at 21:59 Berlin fails; its retry, due at 22:00:30, waits for 07:00 and
+    then goes as the same message (same webhook-id), not in a summary; it spends no budget."""
+    sub = hook(receiver, quiet_hours=NIGHTS_STRICT, budget=Budget(max_alerts=1, per="day"))
+    clock = Clock(utc(2026, 5, 1, 19, 59, 30))  # 21:59:30 CEST
+    settings = {"webhook_retry_delays_s": [60.0], "webhook_retry_jitter": 0.0}
+    async with alerts(engine, [sub], clock=clock, **settings) as (service, api):
+        receiver.mode = "500"
+        assert await service.handle_batch([article("a1")]) == 1
+        await until(lambda: len(receiver.hits) == 1)
+        receiver.mode = "200"
+        await at(clock, service, utc(2026, 5, 1, 20, 0, 30))  # 22:00:30 CEST: the retry is due
+        await at(clock, service, utc(2026, 5, 1, 20, 0, 31))
+        assert len(receiver.hits) == 1
+        assert await held(api) == []
+        row = await service.deliveries.get(delivery_id("s1", "a1", "fentanyl"))
+        assert row is not None and row.status == "pending" and row.held_reason is None
+        assert row.next_attempt_at == utc(2026, 5, 2, 5, 0)
+        await at(clock, service, utc(2026, 5, 2, 5, 0))  # 07:00 CEST, a new day's budget
+        await until(lambda: len(receiver.hits) == 2)
+        await asyncio.sleep(0.3)
+    first, second = receiver.hits
+    assert second.headers["webhook-id"] == first.headers["webhook-id"]
+    assert json.loads(second.body)["type"] == "article.matched"
+
+
+async def test_a_summary_retry_due_in_quiet_hours_waits_for_their_end(
+    engine: Any, receiver: Receiver
+) -> None:
+    """A budget summary released at 21:00 Berlin fails; its retry, due in quiet hours, waits
+    for 07:00 and goes under the same webhook-id."""
+    sub = hook(receiver, quiet_hours=NIGHTS_STRICT, budget=Budget(max_alerts=1, per="hour"))
+    clock = Clock(utc(2026, 5, 1, 18, 30))  # 20:30 CEST
+    settings = {"webhook_retry_delays_s": [3600.0], "webhook_retry_jitter": 0.0}
+    async with alerts(engine, [sub], clock=clock, **settings) as (service, _):
+        assert await service.handle_batch([article("a1"), article("a2")]) == 2
+        await until(lambda: len(receiver.hits) == 1)
+        receiver.mode = "500"
+        await at(clock, service, utc(2026, 5, 1, 19, 0))  # the summary fails
+        await until(lambda: len(receiver.hits) == 2)
+        receiver.mode = "200"
+        await at(clock, service, utc(2026, 5, 1, 20, 0))  # 22:00 CEST: its retry is due
+        await at(clock, service, utc(2026, 5, 1, 20, 0, 1))
+        assert len(receiver.hits) == 2
+        waiting = await service.deliveries.get(delivery_id("s1", "a2", "fentanyl"))
+        assert waiting is not None and waiting.next_attempt_at == utc(2026, 5, 2, 5, 0)
+        await at(clock, service, utc(2026, 5, 2, 5, 0))
+        await until(lambda: len(receiver.hits) == 3)
+    assert receiver.hits[2].headers["webhook-id"] == receiver.hits[1].headers["webhook-id"]
+    assert json.loads(receiver.hits[2].body)["type"] == "alerts.summary"

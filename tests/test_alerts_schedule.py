@@ -14,6 +14,7 @@ from newsmon.alerts.schedule import (
     Budget,
     QuietHours,
     Release,
+    at_send,
     budget_period,
     budget_used,
     digest_release,
@@ -224,3 +225,24 @@ def test_invalid_budgets_are_refused() -> None:
     ):
         with pytest.raises(ValidationError):
             Budget.model_validate(fields)
+
+
+def test_at_send_decides_a_first_attempt_as_recording_does_and_a_retry_waits_as_itself() -> None:
+    quiet = BERLIN.model_copy(update={"breaks_through": 0.9})
+    hourly = Budget(max_alerts=2, per="hour")
+    night = datetime(2026, 5, 2, 0, 30, tzinfo=UTC)  # 02:30 CEST
+    morning = datetime(2026, 5, 2, 5, 0, tzinfo=UTC)
+    noon = datetime(2026, 5, 2, 12, 10, tzinfo=UTC)
+    first = {"budget": hourly, "score": 0.5, "used": 0, "retry": False}
+    assert at_send(quiet=quiet, now=night, **first) == Release(morning, HOLD_QUIET)  # type: ignore[arg-type]
+    assert at_send(quiet=quiet, now=noon, **first) == Release(spends_budget=True)  # type: ignore[arg-type]
+    over = {**first, "used": 2}
+    assert at_send(quiet=quiet, now=noon, **over) == Release(  # type: ignore[arg-type]
+        datetime(2026, 5, 2, 13, 0, tzinfo=UTC), HOLD_BUDGET
+    )
+    # A retry never spends the budget again; in quiet hours it waits as itself (no reason).
+    retry = {**over, "retry": True}
+    assert at_send(quiet=quiet, now=noon, **retry) == Release()  # type: ignore[arg-type]
+    assert at_send(quiet=quiet, now=night, **retry) == Release(morning)  # type: ignore[arg-type]
+    urgent = {**retry, "score": 0.95}
+    assert at_send(quiet=quiet, now=night, **urgent) == Release()  # type: ignore[arg-type]

@@ -41,7 +41,7 @@ from newsmon.alerts.policy import (
     Decision,
     Outcome,
 )
-from newsmon.alerts.schedule import Budget, budget_period, budget_used, release
+from newsmon.alerts.schedule import Budget, at_send, budget_period, budget_used, release
 from newsmon.alerts.subscription_store import subscription_from_row
 from newsmon.alerts.subscriptions import Subscription
 from newsmon.alerts.tables import attempts, budgets, deliveries, story_claims, subscriptions
@@ -459,20 +459,7 @@ class DeliveryStore:
                     for (s, t, st, c), d in sorted(asked.items())
                 ]  # fmt: skip
                 await conn.execute(insert_ignoring_duplicates(engine, story_claims), rows)
-            counts: dict[str, tuple[datetime | None, int]] = {}
-            if budgeted:
-                await conn.execute(
-                    insert_ignoring_duplicates(engine, budgets),
-                    [{"subscription_id": s, "period_start": None, "used": 0} for s in budgeted],
-                )
-                locked = (
-                    select(budgets)
-                    .where(budgets.c.subscription_id.in_(budgeted))
-                    .order_by(budgets.c.subscription_id)
-                    .with_for_update()
-                )
-                for r in await conn.execute(locked):
-                    counts[r.subscription_id] = (r.period_start, r.used)
+            counts = await _lock_budgets(conn, engine, budgeted)
             existing = await _existing(conn, ids)
             holders = await _holders(conn, asked) if asked else {}
             used = {s: budget_used(b, now, *counts.get(s, (None, 0))) for s, b in budget_of.items()}
@@ -510,22 +497,98 @@ class DeliveryStore:
                         "story_id": d.story_id, "held_reason": reason,
                     }
                 )  # fmt: skip
-            if budgeted:
-                spent = [
-                    {"b_id": s, "b_start": budget_period(budget_of[s], now)[0], "b_used": used[s]}
-                    for s in budgeted
-                ]
-                await conn.execute(
-                    update(budgets)
-                    .where(budgets.c.subscription_id == bindparam("b_id"))
-                    .values(period_start=bindparam("b_start"), used=bindparam("b_used")),
-                    spent,
-                )
+            await _spend(conn, {s: (budget_of[s], used[s]) for s in budgeted}, now)
             # In the batch's order, which is the order they are sent in (a batch redelivered
             # to a second process comes in the same order: the rows lock in one order).
             if values:
                 await conn.execute(insert_ignoring_duplicates(engine, deliveries), values)
         return made
+
+    async def claim_scheduled(self, due: Sequence[Due], lease_s: float) -> set[str]:
+        """Take due alerts of instant subscriptions with quiet hours or a budget for one attempt
+        each, as :meth:`claim` does, deciding again, as they are about to go, whether they may
+        (:func:`newsmon.alerts.schedule.at_send`): an alert due in quiet hours, or over its
+        budget, is held instead (it joins the summary of the period it waits for), and a retry
+        due in quiet hours waits for their end. Returns the ids this process won.
+
+        The budget counts an alert once, when it goes at once: at recording, in the period it
+        was recorded in (:meth:`add_alerts`); a first attempt due in a later period (recorded
+        while the subscription was disabled, or while no dispatcher ran) counts in the period
+        it goes in, and one over that period's budget is held. Retries never count. The
+        budget's row is locked while it is counted, and each alert is taken or held by a
+        statement that checks it is still due, so processes sharing the database decide each
+        alert once and share one count.
+        """
+        if not due:
+            return set()
+        now = self._clock()
+        budget_of = {
+            d.subscription.id: b for d in due if (b := _budget_of(d.subscription)) is not None
+        }
+        budgeted = sorted(budget_of)
+        won: set[str] = set()
+        engine = self._engine
+        async with engine.begin() as conn:
+            counts = await _lock_budgets(conn, engine, budgeted)
+            used = {s: budget_used(b, now, *counts.get(s, (None, 0))) for s, b in budget_of.items()}
+            spent: dict[str, tuple[Budget, int]] = {}
+            for item in due:
+                d, sub = item.delivery, item.subscription
+                budget = budget_of.get(sub.id)
+                if budget is not None and d.attempts == 0 and _counted(budget, d, now):
+                    budget = None  # counted at recording, in this very period
+                when = at_send(
+                    quiet=sub.quiet_hours,
+                    budget=budget,
+                    now=now,
+                    score=_score(d),
+                    used=used.get(sub.id, 0),
+                    retry=d.attempts > 0,
+                )
+                still_due = update(deliveries).where(
+                    deliveries.c.id == d.id,
+                    deliveries.c.status == PENDING,
+                    deliveries.c.held_reason.is_(None),
+                    deliveries.c.next_attempt_at <= now,
+                )
+                if when.at is None:
+                    lease = now + timedelta(seconds=lease_s)
+                    taken = await conn.execute(
+                        still_due.values(next_attempt_at=lease, updated_at=now)
+                    )
+                    if taken.rowcount:
+                        won.add(d.id)
+                        if when.spends_budget and budget is not None:
+                            used[sub.id] += 1
+                            spent[sub.id] = (budget, used[sub.id])
+                elif when.reason is None:  # a retry waits for the quiet hours' end
+                    await conn.execute(still_due.values(next_attempt_at=when.at, updated_at=now))
+                else:
+                    await conn.execute(
+                        still_due.values(
+                            status=HELD, held_reason=when.reason, next_attempt_at=when.at,
+                            updated_at=now,
+                        )
+                    )  # fmt: skip
+            await _spend(conn, spent, now)
+        return won
+
+    async def postpone_held(self, sub_id: str, due_at: datetime, to: datetime) -> int:
+        """Move the held alerts of ``sub_id`` due at ``due_at`` (a summary, or its retry) to
+        ``to``, together; those another process took meanwhile stay as they are."""
+        now = self._clock()
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                update(deliveries)
+                .where(
+                    deliveries.c.subscription_id == sub_id,
+                    deliveries.c.held_reason.is_not(None),
+                    deliveries.c.status.in_(SENDABLE),
+                    deliveries.c.next_attempt_at == due_at,
+                )
+                .values(next_attempt_at=to, updated_at=now)
+            )
+        return int(result.rowcount)
 
     async def release_held(
         self, sub_id: str, due_at: datetime, lease_s: float, limit: int
@@ -645,6 +708,55 @@ def _health(
 
 def _budget_of(sub: Subscription) -> Budget | None:
     return sub.budget if sub.mode == "instant" else None
+
+
+def _counted(budget: Budget, d: Delivery, now: datetime) -> bool:
+    """Whether a pending first attempt already counts in ``now``'s budget period: it was
+    recorded in it (and went at once, which is what spent the budget then)."""
+    return budget_period(budget, d.created_at)[0] == budget_period(budget, now)[0]
+
+
+def _score(d: Delivery) -> float:
+    score = d.document.get("data", {}).get("score")
+    return float(score) if isinstance(score, int | float) else 0.0
+
+
+async def _lock_budgets(
+    conn: AsyncConnection, engine: AsyncEngine, subs: Sequence[str]
+) -> dict[str, tuple[datetime | None, int]]:
+    """The budget rows of ``subs`` (made where missing), locked until the transaction ends:
+    (period start, alerts used in it). A write first: on SQLite it takes the write lock."""
+    counts: dict[str, tuple[datetime | None, int]] = {}
+    if not subs:
+        return counts
+    await conn.execute(
+        insert_ignoring_duplicates(engine, budgets),
+        [{"subscription_id": s, "period_start": None, "used": 0} for s in subs],
+    )
+    locked = (
+        select(budgets)
+        .where(budgets.c.subscription_id.in_(subs))
+        .order_by(budgets.c.subscription_id)
+        .with_for_update()
+    )
+    for r in await conn.execute(locked):
+        counts[r.subscription_id] = (r.period_start, r.used)
+    return counts
+
+
+async def _spend(conn: AsyncConnection, used: dict[str, tuple[Budget, int]], now: datetime) -> None:
+    """Store each budget's count in ``now``'s period."""
+    if not used:
+        return
+    await conn.execute(
+        update(budgets)
+        .where(budgets.c.subscription_id == bindparam("b_id"))
+        .values(period_start=bindparam("b_start"), used=bindparam("b_used")),
+        [
+            {"b_id": s, "b_start": budget_period(b, now)[0], "b_used": n}
+            for s, (b, n) in sorted(used.items())
+        ],
+    )
 
 
 async def _existing(conn: AsyncConnection, ids: Sequence[str]) -> set[str]:

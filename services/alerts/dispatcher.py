@@ -34,9 +34,10 @@ from datetime import datetime, timedelta
 
 from newsmon import metrics
 from newsmon.alerts.channels import Channel
-from newsmon.alerts.delivery_store import Clock, Delivery, DeliveryStore, FinishedAttempt
+from newsmon.alerts.delivery_store import Clock, Delivery, DeliveryStore, Due, FinishedAttempt
 from newsmon.alerts.payload import TEST_EVENT
 from newsmon.alerts.policy import DEAD, decide, digest_period
+from newsmon.alerts.schedule import quiet_until
 from newsmon.alerts.subscriptions import Subscription
 from newsmon.events import utcnow
 from newsmon.logs import log_context
@@ -281,8 +282,11 @@ class Dispatcher:
                 healthy_only=failing_room <= 0,
             )
             started = 0
-            # Claimed together after the loop, one statement per lease.
+            # Claimed together after the loop, one statement per lease; those that quiet hours
+            # or a budget may hold are decided again as they are claimed.
             plain: dict[float, list[tuple[Subscription, Delivery, bool]]] = {}
+            scheduled: dict[float, list[tuple[Subscription, Delivery, bool]]] = {}
+            moved = 0  # held alerts due in quiet hours (retries, downtime): moved to their end
             for item in due:
                 delivery, sub = item.delivery, item.subscription
                 if started >= room or delivery.id in busy:
@@ -301,6 +305,13 @@ class Dispatcher:
                     if not rows:  # another process took them
                         continue
                 elif delivery.held_reason is not None:  # with those held until the same time
+                    quiet_end = _quiet_end(sub, self._clock())
+                    if quiet_end is not None:
+                        await self._deliveries.postpone_held(
+                            sub.id, delivery.next_attempt_at, quiet_end
+                        )
+                        moved += 1
+                        continue
                     rows = await self._deliveries.release_held(
                         sub.id, delivery.next_attempt_at, self._lease_s(sub), DIGEST_MAX_ITEMS
                     )
@@ -309,7 +320,8 @@ class Dispatcher:
                         continue
                     rows = await self._with_story_counts(sub.id, rows)
                 else:  # started after the loop, once claimed with the others
-                    plain.setdefault(self._lease_s(sub), []).append((sub, delivery, failing))
+                    queue = scheduled if _scheduled(sub, delivery) else plain
+                    queue.setdefault(self._lease_s(sub), []).append((sub, delivery, failing))
                     rows = []
                 if rows:
                     self._start(sub, rows, failing)
@@ -326,12 +338,20 @@ class Dispatcher:
                     if delivery.id in won:
                         self._start(sub, [delivery], failing)
                 lost += len(chosen) - len(won)
+            for lease_s, chosen in scheduled.items():
+                won = await self._deliveries.claim_scheduled(
+                    [Due(d, sub) for sub, d, _ in chosen], lease_s
+                )
+                for sub, delivery, failing in chosen:
+                    if delivery.id in won:
+                        self._start(sub, [delivery], failing)
+                lost += len(chosen) - len(won)  # another process's, or held or moved now
             started -= lost
             # One subscription's backlog can fill a whole query; look again past it (and past
             # what others took: no longer due).
             if len(due) < room:
                 return True
-            if started == 0 and not lost:
+            if started == 0 and not lost and not moved:
                 return False
 
     def _lease_s(self, sub: Subscription) -> float:
@@ -438,6 +458,17 @@ class Dispatcher:
                 flight.delivery_ids, sub.id, attempted_at, outcome, decision, decided_at
             ),
         )
+
+
+def _scheduled(sub: Subscription, delivery: Delivery) -> bool:
+    """Whether quiet hours or a budget may hold this instant delivery as it goes (a test event
+    goes at once)."""
+    return bool(sub.quiet_hours or sub.budget) and delivery.document["type"] != TEST_EVENT
+
+
+def _quiet_end(sub: Subscription, now: datetime) -> datetime | None:
+    """When the quiet hours ``now`` falls in end, for a subscription that has them."""
+    return quiet_until(sub.quiet_hours, now) if sub.quiet_hours is not None else None
 
 
 def _count(channel: str, status: str, delivered: bool, rows: list[Delivery]) -> None:

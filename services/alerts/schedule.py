@@ -188,6 +188,35 @@ def release(
     return Release()
 
 
+def at_send(
+    *,
+    quiet: QuietHours | None,
+    budget: Budget | None,
+    now: datetime,
+    score: float,
+    used: int,
+    retry: bool,
+) -> Release:
+    """When a due instant alert goes, decided again as it is about to be sent (a backlog, a
+    resumed subscription, downtime or retries may bring it due at any time).
+
+    A first attempt is decided as :func:`release` decides at recording: held for the quiet
+    hours it falls in, unless it breaks through; held for the budget period's end when the
+    period's alerts are spent (``budget`` None: it was counted in ``now``'s period already).
+    A retry was counted when it first went: it never spends the budget again, and one that
+    falls in quiet hours (and does not break through) waits for their end as itself, not in a
+    summary (``at`` set, ``reason`` None: its next attempt moves), so that the receiver sees the
+    same message, under the same ``webhook-id``, it may have received already.
+    """
+    if not retry:
+        return release(quiet=quiet, budget=budget, now=now, score=score, used=used)
+    if quiet is not None and not breaks_through(quiet, score):
+        until = quiet_until(quiet, now)
+        if until is not None:
+            return Release(until)
+    return Release()
+
+
 def digest_release(quiet: QuietHours | None, due: datetime, score: float) -> Release:
     """When an alert of a digest due at ``due`` goes: a digest that falls in quiet hours waits
     for their end, unless the alert breaks through."""
