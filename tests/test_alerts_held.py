@@ -367,3 +367,33 @@ async def test_a_summary_retry_due_in_quiet_hours_waits_for_their_end(
         await until(lambda: len(receiver.hits) == 3)
     assert receiver.hits[2].headers["webhook-id"] == receiver.hits[1].headers["webhook-id"]
     assert json.loads(receiver.hits[2].body)["type"] == "alerts.summary"
+
+
+async def test_processes_taking_a_backlog_at_once_share_one_budget(engine: Any) -> None:
+    """Two processes claim the same backlog of a budgeted subscription (recorded on earlier
+    days, while no dispatcher ran, each day within its budget) at the same moment: each alert is
+    taken by one, exactly the day's budget goes, and the rest are held for the day's end."""
+    other = open_engine(engine.url.render_as_string(hide_password=False))
+    sub = Subscription(id="s1", channel="log", budget=Budget(max_alerts=3, per="day"))
+    clock = Clock(utc(2026, 5, 1, 10, 5))
+    services = [
+        AlertsService(Settings(), MemoryBus(), eng, [sub], clock=clock) for eng in (engine, other)
+    ]
+    try:
+        await services[0].ensure_seeded()
+        for day in range(1, 6):
+            clock.now = utc(2026, 5, day, 10, 5)
+            await services[0].handle_batch([article(f"a{day}-{i}") for i in range(2)])
+        clock.now = utc(2026, 5, 6, 9, 0)
+        stores = [s.deliveries for s in services]
+        due = await stores[0].due(100)
+        assert len(due) == 10 and {d.delivery.status for d in due} == {"pending"}
+        won = await asyncio.gather(*(s.claim_scheduled(due, 60) for s in stores))
+        rows = await stores[0].deliveries(DeliveryFilter("s1"), 100, 0)
+    finally:
+        await other.dispose()
+    assert not won[0] & won[1]
+    assert len(won[0] | won[1]) == 3
+    held_ = [d for d in rows if d.status == "held"]
+    assert len(held_) == 7
+    assert {(d.held_reason, d.next_attempt_at) for d in held_} == {("budget", utc(2026, 5, 7))}

@@ -545,7 +545,7 @@ class DeliveryStore:
                     used=used.get(sub.id, 0),
                     retry=d.attempts > 0,
                 )
-                still_due = update(deliveries).where(
+                still_due = _skipping_locked(
                     deliveries.c.id == d.id,
                     deliveries.c.status == PENDING,
                     deliveries.c.held_reason.is_(None),
@@ -579,14 +579,12 @@ class DeliveryStore:
         now = self._clock()
         async with self._engine.begin() as conn:
             result = await conn.execute(
-                update(deliveries)
-                .where(
+                _skipping_locked(
                     deliveries.c.subscription_id == sub_id,
                     deliveries.c.held_reason.is_not(None),
                     deliveries.c.status.in_(SENDABLE),
                     deliveries.c.next_attempt_at == due_at,
-                )
-                .values(next_attempt_at=to, updated_at=now)
+                ).values(next_attempt_at=to, updated_at=now)
             )
         return int(result.rowcount)
 
@@ -665,6 +663,14 @@ def _lease(
         .where(deliveries.c.id.in_(chosen), *where)
         .values(next_attempt_at=now + timedelta(seconds=lease_s), updated_at=now, **values)
     )
+
+
+def _skipping_locked(*where: Any) -> Update:
+    """An update of the deliveries ``where`` selects, checked again on each row, that skips
+    rows another transaction holds on PostgreSQL (their claim wins; no waiting, no deadlock
+    between processes deciding the same rows in another order)."""
+    chosen = select(deliveries.c.id).where(*where).with_for_update(skip_locked=True)
+    return update(deliveries).where(deliveries.c.id.in_(chosen), *where)
 
 
 # A finished attempt's consequence for one delivery, for many deliveries at once (executemany).
