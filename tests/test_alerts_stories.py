@@ -171,3 +171,55 @@ async def test_a_subscription_can_switch_to_every_article(engine: Any, receiver:
         await asyncio.sleep(0.3)
     assert [b["data"]["article"]["id"] for b in bodies(receiver, "s1")] == ["a1", "a3"]
     assert receiver.hits[0].headers["webhook-id"] == delivery_id("s1", "a1", "fentanyl")
+
+
+async def test_a_subscription_deleted_and_made_again_under_its_id_starts_afresh(
+    engine: Any,
+) -> None:
+    """Deleting a subscription deletes its story claims and its budget's count with it: the
+    new one under the same id is alerted of the old story's next article, within its budget."""
+    from newsmon.alerts.tables import budgets, story_claims
+
+    body = {"id": "s1", "channel": "log", "budget": {"max_alerts": 1, "per": "day"}}
+    async with alerts(engine) as (service, api):
+        assert (await api.post("/subscriptions", json=body)).status_code == 201
+        assert await service.handle_batch([message(in_story(matched("a1"), "S", 1))]) == 1
+        assert (await api.delete("/subscriptions/s1")).status_code == 204
+        async with engine.connect() as conn:
+            for table in (story_claims, budgets):
+                left = await conn.execute(select(table).where(table.c.subscription_id == "s1"))
+                assert left.all() == []
+        assert (await api.post("/subscriptions", json=body)).status_code == 201
+        assert await service.handle_batch([message(in_story(matched("a2"), "S", 2))]) == 1
+        again = await service.deliveries.get(delivery_id("s1", "a2", "fentanyl"))
+    assert again is not None and again.status in ("pending", "delivered")
+
+
+async def test_story_claims_expire_once_their_story_had_no_article_for_the_retention(
+    engine: Any,
+) -> None:
+    """A claim whose story the subscription heard nothing of for STORY_CLAIM_DAYS goes; one
+    whose story still grows (a suppressed article counts) stays."""
+    from datetime import UTC, datetime, timedelta
+
+    from newsmon.alerts.delivery_store import STORY_CLAIM_DAYS
+    from tests.helpers import Clock
+
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    clock = Clock(start)
+    sub = Subscription(id="s1", channel="log")
+    async with alerts(engine, [sub], clock=clock) as (service, _):
+        first = [in_story(matched("old"), "OLD", 1), in_story(matched("live"), "LIVE", 1)]
+        assert await service.handle_batch([message(e, i) for i, e in enumerate(first)]) == 2
+        clock.now = start + timedelta(days=100)
+        assert await service.handle_batch([message(in_story(matched("live2"), "LIVE", 2))]) == 0
+        clock.now = start + timedelta(days=STORY_CLAIM_DAYS - 1)
+        assert await service.deliveries.expire_story_claims() == 0
+        clock.now = start + timedelta(days=STORY_CLAIM_DAYS, seconds=1)
+        assert await service.deliveries.expire_story_claims() == 1
+        later = [in_story(matched("old2"), "OLD", 2), in_story(matched("live3"), "LIVE", 3)]
+        assert await service.handle_batch([message(e, i) for i, e in enumerate(later)]) == 1
+        old2 = await service.deliveries.get(delivery_id("s1", "old2", "fentanyl"))
+        live3 = await service.deliveries.get(delivery_id("s1", "live3", "fentanyl"))
+    assert old2 is not None and old2.status != SUPPRESSED
+    assert live3 is not None and live3.status == SUPPRESSED

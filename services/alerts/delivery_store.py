@@ -29,7 +29,7 @@ from datetime import datetime, timedelta
 from functools import cached_property
 from typing import Any
 
-from sqlalchemy import Update, and_, bindparam, func, insert, select, update
+from sqlalchemy import Update, and_, bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -49,6 +49,10 @@ from newsmon.db import insert_ignoring_duplicates
 from newsmon.events import utcnow
 
 Clock = Callable[[], datetime]
+# A story claim lasts while its story may still grow: it expires once the subscription has had
+# no article of the story for this long, classify's own retention of stories (it deletes a story
+# 120 days after its last article), so the claims table does not grow forever.
+STORY_CLAIM_DAYS = 120
 # Keys per statement where a batch's keys are listed (PostgreSQL takes 32,767 parameters).
 _CHUNK = 2_000
 
@@ -586,6 +590,24 @@ class DeliveryStore:
                     deliveries.c.next_attempt_at == due_at,
                 ).values(next_attempt_at=to, updated_at=now)
             )
+        return int(result.rowcount)
+
+    async def expire_story_claims(self) -> int:
+        """Delete the story claims of stories the subscription had no article of (alert or
+        suppressed) for :data:`STORY_CLAIM_DAYS`; returns how many."""
+        cutoff = self._clock() - timedelta(days=STORY_CLAIM_DAYS)
+        c = story_claims.c
+        recent = (
+            select(deliveries.c.id)
+            .where(
+                deliveries.c.story_id == c.story_id,
+                deliveries.c.subscription_id == c.subscription_id,
+                deliveries.c.created_at >= cutoff,
+            )
+            .exists()
+        )
+        async with self._engine.begin() as conn:
+            result = await conn.execute(delete(story_claims).where(c.created_at < cutoff, ~recent))
         return int(result.rowcount)
 
     async def release_held(

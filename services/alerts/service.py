@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import datetime, timedelta
 
@@ -67,6 +68,8 @@ from newsmon.ssrf import Resolver, UnsafeURL, check_url, system_resolver
 log = logging.getLogger(__name__)
 
 GROUP = "alerts"
+# How often old story claims are looked for (delivery_store.STORY_CLAIM_DAYS).
+EXPIRE_EVERY_S = 3600.0
 
 
 class NotFound(LookupError):
@@ -118,6 +121,7 @@ class AlertsService:
         self._seeds = list(seeds)
         self._seeded = False
         self._seed_lock = asyncio.Lock()
+        self._claims_expired_at: float | None = None  # time.monotonic()
         self._channels: dict[str, Channel] = {
             "webhook": WebhookChannel(settings, resolver, client),
             "email": EmailChannel(settings),
@@ -189,7 +193,20 @@ class AlertsService:
         added = await self.deliveries.add_alerts(rows)
         if added:
             self.wake()
+        await self._expire_story_claims()
         return added
+
+    async def _expire_story_claims(self) -> None:
+        """Once an hour at most, forget the claims of stories long over (``STORY_CLAIM_DAYS``)."""
+        now = time.monotonic()
+        if self._claims_expired_at is not None and now - self._claims_expired_at < EXPIRE_EVERY_S:
+            return
+        self._claims_expired_at = now
+        try:
+            if expired := await self.deliveries.expire_story_claims():
+                log.info("%d story claim(s) expired", expired)
+        except Exception as exc:  # housekeeping: the next hour tries again
+            log.warning("story claims not expired: %r", exc)
 
     def _new_delivery(
         self,

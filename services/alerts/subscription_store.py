@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from newsmon.alerts.policy import DEAD, SENDABLE
 from newsmon.alerts.subscriptions import Subscription
-from newsmon.alerts.tables import SEEDED, deliveries, meta, subscriptions
+from newsmon.alerts.tables import SEEDED, budgets, deliveries, meta, story_claims, subscriptions
 from newsmon.db import insert_ignoring_duplicates
 from newsmon.events import utcnow
 
@@ -81,10 +81,14 @@ class SubscriptionStore:
         return await self.subscription(sub_id) if result.rowcount else None
 
     async def delete_subscription(self, sub_id: str) -> bool:
-        """Delete a subscription; its pending deliveries end dead, its history stays."""
+        """Delete a subscription; its pending deliveries end dead, its history stays. Its story
+        claims and budget count go with it: a new subscription under the same id starts afresh
+        (alerted of no story, nothing of its budget spent)."""
         now = utcnow()
         async with self._engine.begin() as conn:
             result = await conn.execute(delete(subscriptions).where(subscriptions.c.id == sub_id))
+            await conn.execute(delete(story_claims).where(story_claims.c.subscription_id == sub_id))
+            await conn.execute(delete(budgets).where(budgets.c.subscription_id == sub_id))
             await conn.execute(
                 update(deliveries)
                 .where(deliveries.c.subscription_id == sub_id, deliveries.c.status.in_(SENDABLE))
