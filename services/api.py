@@ -174,6 +174,7 @@ def _guard(
             who = f"key:{decision.key.name}" if decision.key else "?"
             # Who did it, for what the request records (a label names its author).
             request.state.actor = f"key {decision.key.name}" if decision.key else "?"
+            request.state.role = decision.key.role if decision.key else "read"
         else:
             refused = cross_site_write(
                 request.method,

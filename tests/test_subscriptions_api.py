@@ -309,3 +309,35 @@ async def test_invalid_schedules_get_field_level_422s(engine: Any) -> None:
         assert patched.status_code == 422 and "budget" in patched.text
         assert (await api.patch("/subscriptions/d", json={"grouping": None})).status_code == 422
         assert [s["id"] for s in (await api.get("/subscriptions")).json()] == ["d"]
+
+
+async def test_a_read_only_key_sees_deliveries_without_their_feedback_links(engine: Any) -> None:
+    """Posting a feedback link labels a topic (a write): a read key's view of a delivery's
+    payload has them redacted; an admin key's has them."""
+    from newsmon.alerts.delivery_store import delivery_id
+    from tests.helpers import ADMIN, READER, in_story, matched, message
+
+    sub = Subscription(id="s1", channel="log")
+    async with alerts(engine, [sub], api_keys=[ADMIN, READER]) as (service, api):
+        assert await service.handle_batch([message(in_story(matched("a1"), "S", 1))]) == 1
+        path = f"/deliveries/{delivery_id('s1', 'a1', 'fentanyl')}"
+        admin = await api.get(path, headers={"Authorization": f"Bearer {ADMIN.key}"})
+        reader = await api.get(path, headers={"Authorization": f"Bearer {READER.key}"})
+    assert admin.status_code == reader.status_code == 200
+    links = admin.json()["payload"]["data"]["feedback"]
+    assert links["relevant"] and links["not_relevant"]
+    shown = reader.json()["payload"]
+    assert shown["data"]["feedback"] == "redacted"
+    assert links["relevant"] not in reader.text and links["not_relevant"] not in reader.text
+    assert shown["data"]["article"] == admin.json()["payload"]["data"]["article"]
+
+
+def test_summaries_lose_each_alerts_feedback_links_too() -> None:
+    from newsmon.alerts.service import without_feedback
+
+    summary = {"type": "alerts.summary", "data": {"alerts": [{"id": 1, "feedback": {"x": 1}}]}}
+    assert without_feedback(summary) == {
+        "type": "alerts.summary",
+        "data": {"alerts": [{"id": 1, "feedback": "redacted"}]},
+    }
+    assert summary["data"]["alerts"][0]["feedback"] == {"x": 1}  # type: ignore[index]

@@ -11,7 +11,7 @@ from collections.abc import Awaitable
 from datetime import datetime
 from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
 from fastapi.responses import HTMLResponse
 
 from newsmon.alerts.delivery_store import DeliveryFilter
@@ -122,9 +122,14 @@ def build_router(service: AlertsService) -> APIRouter:
         return await service.list_deliveries(where, limit, offset)
 
     @router.get("/deliveries/{delivery_id}", tags=["deliveries"])
-    async def get_delivery(delivery_id: str) -> DeliveryDetail:
-        """One delivery with its payload and every attempt (status, latency, error)."""
-        return await _answer(service.delivery(delivery_id))
+    async def get_delivery(delivery_id: str, request: Request) -> DeliveryDetail:
+        """One delivery with its payload and every attempt (status, latency, error). A
+        read-only key sees the payload without its feedback links (``"redacted"``): posting
+        one labels a topic."""
+        # The API guard says the key's role; none without API keys (the open loopback API,
+        # where every request may write).
+        redact = getattr(request.state, "role", "admin") != "admin"
+        return await _answer(service.delivery(delivery_id, redact=redact))
 
     @router.post(
         "/deliveries/{delivery_id}/retry",

@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -68,6 +69,8 @@ from newsmon.ssrf import Resolver, UnsafeURL, check_url, system_resolver
 log = logging.getLogger(__name__)
 
 GROUP = "alerts"
+# What a read-only key sees instead of a payload's feedback links.
+REDACTED = "redacted"
 # How often old story claims are looked for (delivery_store.STORY_CLAIM_DAYS).
 EXPIRE_EVERY_S = 3600.0
 
@@ -415,14 +418,16 @@ class AlertsService:
             for d in await self.deliveries.deliveries(where, limit, offset)
         ]
 
-    async def delivery(self, delivery_id: str) -> DeliveryDetail:
-        """One delivery with its payload and every attempt."""
+    async def delivery(self, delivery_id: str, *, redact: bool = False) -> DeliveryDetail:
+        """One delivery with its payload and every attempt; ``redact``: without the payload's
+        feedback links (posting one labels a topic, a write a read-only key may not make)."""
         delivery = await self.deliveries.get(delivery_id)
         if delivery is None:
             raise NotFound(f"no delivery {delivery_id!r}")
+        payload = json.loads(delivery.payload)
         return DeliveryDetail(
             **DeliveryPublic.model_validate(delivery, from_attributes=True).model_dump(),
-            payload=json.loads(delivery.payload),
+            payload=without_feedback(payload) if redact else payload,
             attempt_log=[
                 AttemptPublic.model_validate(a, from_attributes=True)
                 for a in await self.deliveries.attempts(delivery_id)
@@ -438,6 +443,23 @@ class AlertsService:
         if delivery is None:
             raise NotFound(f"no delivery {delivery_id!r}")
         return DeliveryPublic.model_validate(delivery, from_attributes=True)
+
+
+def without_feedback(payload: Any) -> Any:
+    """A delivery's payload without its signed feedback links: ``data.feedback`` (an alert's,
+    a test event's) and each summarised alert's (``data.alerts[].feedback``), shown as
+    ``"redacted"``."""
+    if not isinstance(payload, dict) or not isinstance(data := payload.get("data"), dict):
+        return payload
+    data = dict(data)
+    if "feedback" in data:
+        data["feedback"] = REDACTED
+    if isinstance(alerts := data.get("alerts"), list):
+        data["alerts"] = [
+            {**a, "feedback": REDACTED} if isinstance(a, dict) and "feedback" in a else a
+            for a in alerts
+        ]
+    return {**payload, "data": data}
 
 
 def story_claims(story: StoryRef, article_id: str) -> tuple[str, ...]:
