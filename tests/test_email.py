@@ -267,3 +267,32 @@ async def test_quiet_hours_hold_instant_emails_for_one_digest_at_their_end(
     assert "Title a1" in text and "Title a3" in text and "Title a2" not in text
     # s-1 grew while it waited: the digest says so.
     assert "story: s-1 (1 article; 2 by now)" in text and "story: s-2 (3 articles)" in text
+
+
+@pytest.mark.parametrize(
+    ("link", "anchor"),
+    [
+        ("https://news.example/a", True),
+        ("HTTP://news.example/a", True),
+        ("javascript:alert(1)", False),
+        ("JavaScript:alert(1)", False),
+        (" javascript:alert(1)", False),
+        ("java\tscript:alert(1)", False),
+        ("data:text/html,<script>alert(1)</script>", False),
+        ("vbscript:msgbox(1)", False),
+        ("//evil.example/a", False),
+        ("http://[oops/a", False),  # urlsplit refuses it: no anchor, and the email still goes
+        ("", False),
+    ],
+)
+def test_only_http_links_become_anchors_in_the_html_email(link: str, anchor: bool) -> None:
+    from newsmon.alerts.mail import _html
+
+    alert = {
+        "article": {"title": "T", "link": link, "feed": {"title": "F", "url": "u"}},
+        "topic": "fentanyl", "score": 0.8, "threshold": 0.5, "evidence": {"passage": "p"},
+    }  # fmt: skip
+    html = _html("intro", [alert], "https://newsmon.example/unsubscribe")
+    anchors = html.count("<a href=")
+    assert anchors == (2 if anchor else 1)  # the unsubscribe link is always one
+    assert ("<h3><a href=" in html) == anchor and ">T</" in html  # the title shows either way

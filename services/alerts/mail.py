@@ -118,6 +118,16 @@ def _text(intro: str, alerts: Sequence[dict[str, Any]], unsubscribe_url: str) ->
     return "\n\n".join(blocks) + "\n"
 
 
+def _web_link(link: str) -> bool:
+    """Whether ``link`` may be an anchor's href: an http: or https: URL. Anything else (no
+    scheme, javascript:, data:, one urlsplit cannot read, such as an unclosed IPv6 host) is
+    shown as the title's text only, and the email still goes."""
+    try:
+        return urlsplit(link).scheme in ("http", "https")
+    except ValueError:
+        return False
+
+
 def _html(intro: str, alerts: Sequence[dict[str, Any]], unsubscribe_url: str) -> str:
     e = html.escape
     items = []
@@ -126,7 +136,7 @@ def _html(intro: str, alerts: Sequence[dict[str, Any]], unsubscribe_url: str) ->
         title = e(article["title"])
         link = article["link"] or ""
         # Only http(s) links become anchors: a feed cannot smuggle in javascript: URLs.
-        if urlsplit(link).scheme in ("http", "https"):
+        if _web_link(link):
             title = f'<a href="{e(link)}">{title}</a>'
         feed = e(article["feed"]["title"] or article["feed"]["url"])
         summary = f"<p>{e(article['summary'])}</p>" if article.get("summary") else ""
