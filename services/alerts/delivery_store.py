@@ -16,7 +16,10 @@ The fan-out (:meth:`DeliveryStore.add_alerts`) decides in the transaction that r
 alerts which of them a story already covers (a claim per (subscription, topic, story), unique in
 the database, so racing processes alert once) and which wait for quiet hours or a budget (the
 budget's row is locked while it is counted). Held alerts are released together, once: the
-process that sends them first claims them likewise (:meth:`DeliveryStore.release_held`).
+process that sends them first claims them likewise (:meth:`DeliveryStore.release_held`). What
+quiet hours or a budget may hold is decided again as it is claimed, at the time it goes
+(:meth:`DeliveryStore.claim_scheduled`): a backlog, or a retry, never goes in quiet hours or
+over the budget.
 """
 
 from __future__ import annotations

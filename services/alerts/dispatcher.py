@@ -10,7 +10,8 @@ every kind together stay within twice ``delivery_concurrency``.
 A digest subscription's due deliveries go out together, as one attempt; so do the alerts that
 quiet hours or a budget held until one time (one summary webhook or digest email). Whatever
 starts is claimed in the store first, for a lease longer than the attempt may last, so that no
-other process sends it too.
+other process sends it too; an instant alert with quiet hours or a budget is decided again as
+it is claimed, and held summaries due in quiet hours (a retry, downtime) wait for their end.
 
 Finished attempts are recorded in batches (:class:`_Recorder`): whatever finished while the
 last write ran goes into the next transaction. An attempt's slot is free once its exchange
