@@ -62,12 +62,19 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.evaluate import DEV_PATH, Item, keyword_predictions, report  # noqa: E402
+from bench.evaluate import (  # noqa: E402
+    DEV_PATH,
+    LABELS,
+    SLUGS,
+    STREAM,
+    Item,
+    admits,
+    keyword_predictions,
+    report,
+    rows,
+)
 
-CORPUS = DEV_PATH.parent
-STREAM, LABELS = CORPUS / "stream-2022.jsonl", CORPUS / "stream-2022-labels.jsonl"
 RESULTS = REPO / "bench" / "results" / "backtest.json"
-SLUGS = ("fentanyl", "cartel-arrests", "extradition", "us-mexico-summit")
 GOAL_RECALL, GOAL_ALERTS = 0.9, 1.25
 
 
@@ -129,11 +136,6 @@ def vector_cache(directory: Path, model_path: Path, backend: str) -> Path:
     return directory / f"{model_cache_key(model_path)}-{backend}-{code}.npz"
 
 
-def rows(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def when(row: dict[str, Any]) -> datetime:
     parsed = datetime.fromisoformat(row["published"])
     return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
@@ -153,12 +155,8 @@ def load_stream(limit: int) -> tuple[list[dict[str, Any]], dict[str, frozenset[s
 
 
 def admitted(row: dict[str, Any], topics: Sequence[Any]) -> bool:
-    """Whether some live topic's keyword constraints let this item match."""
-    from newsmon.classify.scoring import clean_text
-    from newsmon.classify.topics import check_keywords
-
-    text = clean_text(f"{row.get('title') or ''}\n{row.get('summary') or ''}")
-    return any(check_keywords(t, text)[1] is None for t in topics if t.live)
+    """Whether some live topic's keyword constraints let this stream item match."""
+    return admits([t for t in topics if t.live], row.get("title") or "", row.get("summary") or "")
 
 
 def judged(

@@ -47,12 +47,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.evaluate import DEV_PATH, TOPICS_PATH  # noqa: E402
+from bench.evaluate import DEV_PATH, LABELS, SLUGS, STREAM, TOPICS_PATH  # noqa: E402
 
-CORPUS = DEV_PATH.parent
-STREAM, LABELS = CORPUS / "stream-2022.jsonl", CORPUS / "stream-2022-labels.jsonl"
 RESULTS = REPO / "bench" / "results" / "calibrate.json"
-SLUGS = ("fentanyl", "cartel-arrests", "extradition", "us-mexico-summit")
 BINS = 10
 RIDGE = 1e-4  # only to keep Newton's steps finite; far too small to move the fit
 

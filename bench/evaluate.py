@@ -47,6 +47,25 @@ SEED_LABELS = SHARED / "seeds" / "seed-labels.json"
 TOPICS_PATH = REPO / "seeds" / "topics.toml"
 RESULTS_PATH = REPO / "bench" / "results" / "evaluate.json"
 SLUGS = ("fentanyl", "cartel-arrests", "extradition", "us-mexico-summit")
+# The labelled stream, for the benchmarks that replay it in date order.
+STREAM = SHARED / "corpus" / "stream-2022.jsonl"
+LABELS = SHARED / "corpus" / "stream-2022-labels.jsonl"
+
+
+def rows(path: Path) -> list[dict[str, Any]]:
+    """A JSONL file's objects (blank lines skipped)."""
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def admits(topics: Iterable[Any], title: str, text: str) -> bool:
+    """Whether some topic's keyword constraints let an item match: else it cannot match at
+    all, whatever its vectors (the benchmarks embed only what can)."""
+    from newsmon.classify.scoring import clean_text
+    from newsmon.classify.topics import check_keywords
+
+    body = clean_text(f"{title}\n{text}")
+    return any(check_keywords(t, body)[1] is None for t in topics)
 
 
 # --- keyword baseline -------------------------------------------------------------------------

@@ -53,7 +53,17 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.evaluate import DEV_PATH, TOPICS_PATH, Item, report  # noqa: E402
+from bench.evaluate import (  # noqa: E402
+    DEV_PATH,
+    LABELS,
+    SLUGS,
+    STREAM,
+    TOPICS_PATH,
+    Item,
+    admits,
+    report,
+    rows,
+)
 from newsmon.classify.model import (  # noqa: E402
     Backend,
     SentenceTransformerEmbedder,
@@ -64,19 +74,15 @@ from newsmon.classify.model import (  # noqa: E402
 from newsmon.classify.scoring import (  # noqa: E402
     EmbeddedArticle,
     TopicIndex,
-    clean_text,
     embed_articles,
     index_topics,
     score_embedded,
     split_passages,
 )
-from newsmon.classify.topics import check_keywords, load_topics  # noqa: E402
+from newsmon.classify.topics import load_topics  # noqa: E402
 from newsmon.events import TopicScore  # noqa: E402
 
-CORPUS = DEV_PATH.parent
-STREAM, LABELS = CORPUS / "stream-2022.jsonl", CORPUS / "stream-2022-labels.jsonl"
 RESULTS = REPO / "bench" / "results" / "models.json"
-SLUGS = ("fentanyl", "cartel-arrests", "extradition", "us-mexico-summit")
 THROUGHPUT_ITEMS = 200
 
 _MONTHS = {
@@ -105,11 +111,6 @@ def dev_date(value: str) -> datetime:
 class Row:
     item: Item
     when: datetime
-
-
-def rows(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def load_sets() -> dict[str, list[Row]]:
@@ -192,8 +193,7 @@ class CachedEmbedder:
 
 def admitted(item: Item, indexes: Sequence[TopicIndex]) -> bool:
     """Whether some topic's keyword constraints admit the item: else it cannot match at all."""
-    text = clean_text(f"{item.title}\n{item.text}")
-    return any(check_keywords(ix.topic, text)[1] is None for ix in indexes)
+    return admits([ix.topic for ix in indexes], item.title, item.text)
 
 
 def embed(

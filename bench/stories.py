@@ -60,17 +60,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.backtest import DEV_PATH, STREAM, MemoEmbedder, admitted, load_stream, when  # noqa: E402
+from bench.evaluate import rows  # noqa: E402
 
 DATA = REPO / "bench" / "data"
 PAIRS = DATA / "story-pairs.jsonl"
 LABELLERS = (DATA / "story-pairs-a.jsonl", DATA / "story-pairs-b.jsonl")
 RESULTS = REPO / "bench" / "results" / "stories.json"
 SCALE_RESULTS = REPO / "bench" / "results" / "stories-scale.json"
-
-
-def jsonl(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def article_of(row: dict[str, Any]) -> Any:
@@ -730,11 +726,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         context = asyncio.run(open_stories(stories_url))
 
         if PAIRS.is_file() and all(p.is_file() for p in LABELLERS):
-            pairs = jsonl(PAIRS)
-            labels = [{(x["a"], x["b"]): x for x in jsonl(p)} for p in LABELLERS]
+            pairs = rows(PAIRS)
+            labels = [{(x["a"], x["b"]): x for x in rows(p)} for p in LABELLERS]
             wanted = {i for p in pairs for i in (p["a"], p["b"])}
-            rows = {r["id"]: r for r in jsonl(STREAM) if r["id"] in wanted}
-            out["pairs"] = evaluate_pairs(pairs, labels, rows, memo, context, placed)
+            by_id = {r["id"]: r for r in rows(STREAM) if r["id"] in wanted}
+            out["pairs"] = evaluate_pairs(pairs, labels, by_id, memo, context, placed)
         else:
             out["pairs"] = None
             print("bench.stories: no pair labels yet (bench/data/story-pairs-{a,b}.jsonl)")

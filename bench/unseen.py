@@ -40,25 +40,21 @@ if str(REPO) not in sys.path:
 from bench.backtest import provenance, vector_cache  # noqa: E402
 from bench.evaluate import (  # noqa: E402
     DEV_PATH,
+    LABELS,
+    SLUGS,
+    STREAM,
     TOPICS_PATH,
     Item,
     keyword_predictions,
     report,
+    rows,
 )
 from bench.models import CachedEmbedder, dev_date, embed, score  # noqa: E402
 from newsmon.classify.model import SentenceTransformerEmbedder  # noqa: E402
 from newsmon.classify.scoring import TopicIndex, index_topics  # noqa: E402
 from newsmon.classify.topics import load_topics  # noqa: E402
 
-CORPUS = DEV_PATH.parent
-STREAM, LABELS = CORPUS / "stream-2022.jsonl", CORPUS / "stream-2022-labels.jsonl"
 RESULTS = REPO / "bench" / "results" / "unseen.json"
-SLUGS = ("fentanyl", "cartel-arrests", "extradition", "us-mexico-summit")
-
-
-def rows(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def dated(row: dict[str, Any]) -> datetime:
