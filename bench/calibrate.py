@@ -225,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     from bench.backtest import provenance, vector_cache
-    from bench.models import CachedEmbedder, embed, load_sets, score
+    from bench.models import CachedEmbedder, embed, load_sets, score, set_spans
     from newsmon.classify import learning
     from newsmon.classify.model import SentenceTransformerEmbedder
     from newsmon.classify.scoring import index_topics
@@ -256,14 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out: dict[str, Any] = {
         "provenance": provenance(TOPICS_PATH),
         "backend": backend,
-        "sets": {
-            name: {
-                "n": len(part),
-                "from": str(part[0].when.date()),
-                "to": str(part[-1].when.date()),
-            }
-            for name, part in sets.items()
-        },
+        "sets": set_spans(sets),
         "fit": fitted,
         "learning_py": {
             "CALIBRATION_SLOPE": learning.CALIBRATION_SLOPE,

@@ -149,6 +149,18 @@ def load_sets() -> dict[str, list[Row]]:
     return {"tune": dev[:cut], "time_split": dev[cut:], "stream": later}
 
 
+def set_spans(sets: dict[str, list[Row]]) -> dict[str, dict[str, Any]]:
+    """Per set, its size and the dates of its first and last rows (as in the results files)."""
+    return {
+        name: {
+            "n": len(part),
+            "from": str(part[0].when.date()),
+            "to": str(part[-1].when.date()),
+        }
+        for name, part in sets.items()
+    }
+
+
 class CachedEmbedder:
     """An embedder whose vectors are kept on disk by text, so each text is embedded once."""
 
@@ -463,14 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         n: round(v / reference, 3) for n, v in speed["articles_per_s"].items()
     }
     out = {
-        "sets": {
-            name: {
-                "n": len(part),
-                "from": str(part[0].when.date()),
-                "to": str(part[-1].when.date()),
-            }
-            for name, part in sets.items()
-        },
+        "sets": set_spans(sets),
         "results": results,
         "throughput": speed,
     }
