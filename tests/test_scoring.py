@@ -258,12 +258,12 @@ def test_replay_reports_articles_whose_decision_flips() -> None:
         ],
         embedder,
     )
-    changes, before, after = replay(articles, current, stricter)
+    changes, before, after, _ = replay(articles, current, stricter)
     assert (before, after) == (1, 0)
     assert [(c.index, c.before.matched, c.after.matched) for c in changes] == [(0, True, False)]
-    changes, before, after = replay(articles, current, looser)
+    changes, before, after, _ = replay(articles, current, looser)
     assert (before, after) == (1, 2) and [c.index for c in changes] == [1]
-    _, before, after = replay(articles, None, current)
+    _, before, after, _ = replay(articles, None, current)
     assert (before, after) == (0, 1)
 
 

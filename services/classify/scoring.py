@@ -326,19 +326,22 @@ class Change:
 
 def replay(
     articles: Sequence[EmbeddedArticle], current: TopicIndex | None, draft: TopicIndex
-) -> tuple[list[Change], int, int]:
+) -> tuple[list[Change], int, int, list[TopicScore]]:
     """Score ``articles`` with the current topic and with a draft of it.
 
-    Returns the articles whose decision flips, and how many match before and after. Both
-    sides are scored whether live or not, so that a draft or a disabled topic can be
-    previewed; ``current`` None (a topic not stored yet) matches nothing.
+    Returns the articles whose decision flips, how many match before and after, and the
+    draft's score of each article that has text. Both sides are scored whether live or not,
+    so that a draft or a disabled topic can be previewed; ``current`` None (a topic not stored
+    yet) matches nothing.
     """
     changes: list[Change] = []
+    drafted: list[TopicScore] = []
     before_count = after_count = 0
     for i, article in enumerate(articles):
         if not article.passages:
             continue
         after = score_topic(article.passages, article.vectors, draft, article.text)
+        drafted.append(after)
         before = (
             score_topic(article.passages, article.vectors, current, article.text)
             if current is not None
@@ -348,4 +351,4 @@ def replay(
         after_count += after.matched
         if before.matched != after.matched:
             changes.append(Change(i, before, after))
-    return changes, before_count, after_count
+    return changes, before_count, after_count, drafted

@@ -17,7 +17,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -68,7 +68,6 @@ from newsmon.classify.topics import (
     Topic,
     TopicDefinition,
     TopicUpdate,
-    check_keywords,
     load_topics,
 )
 from newsmon.events import (
@@ -164,19 +163,16 @@ def review_order(items: Sequence[ReviewItem], threshold: float) -> list[ReviewIt
     return ordered
 
 
-def score_histogram(articles: Sequence[EmbeddedArticle], index: TopicIndex) -> ScoreHistogram:
-    """The scores of ``articles`` under ``index``, binned; vetoed ones are only counted."""
+def score_histogram(scores: Iterable[TopicScore]) -> ScoreHistogram:
+    """``scores`` binned; those the keywords vetoed are only counted."""
     counts = [0] * HISTOGRAM_BINS
     vetoed = 0
-    for article in articles:
-        if not article.passages:
-            continue
-        if check_keywords(index.topic, article.text or " ".join(article.passages))[1]:
+    for score in scores:
+        if score.evidence.rejected_by:
             vetoed += 1
             continue
-        score = score_topic(article.passages, article.vectors, index, article.text).score
         # Scores carry four decimals: binned on those, a two-decimal threshold is a bin edge.
-        counts[min(HISTOGRAM_BINS - 1, round(score * 10_000) * HISTOGRAM_BINS // 10_000)] += 1
+        counts[min(HISTOGRAM_BINS - 1, round(score.score * 10_000) * HISTOGRAM_BINS // 10_000)] += 1
     return ScoreHistogram(counts=counts, vetoed=vetoed)
 
 
@@ -384,12 +380,12 @@ class ClassifyService:
         learned = self._index(slug).labels
         labels = {slug: learned.labels} if learned is not None else {}
 
-        def compute() -> tuple[tuple[list[Any], int, int], ScoreHistogram]:
+        def compute() -> tuple[list[Any], int, int, list[TopicScore]]:
             current_ix, draft_ix = index_topics([current, drafted], self._topic_texts, labels)
-            embedded = [r.embedded for r in recent]
-            return replay(embedded, current_ix, draft_ix), score_histogram(embedded, draft_ix)
+            return replay([r.embedded for r in recent], current_ix, draft_ix)
 
-        (changes, before, after), histogram = await asyncio.to_thread(compute)
+        changes, before, after, scores = await asyncio.to_thread(compute)
+        histogram = score_histogram(scores)
 
         def listed(gained: bool) -> list[PreviewArticle]:
             return [
