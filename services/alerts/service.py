@@ -379,7 +379,7 @@ class AlertsService:
         sub = await self._found(sub_id)
         event, score = test_event()
         row = self._new_delivery(sub, event, score, kind=TEST_EVENT)
-        await self.deliveries.add([dataclasses.replace(row, not_before=None)])
+        await self.deliveries.add([dataclasses.replace(row, not_before=None, held_reason=None)])
         self.wake()
         return row.id
 
