@@ -282,7 +282,7 @@ async function pageTopic(view, slug, params) {
   async function preview(draft) {
     const mine = ++seq;
     try {
-      const p = await api("POST", `/topics/${encodeURIComponent(slug)}/preview?articles=${articles}&show=50`, draft);
+      const p = await api("POST", `/topics/${encodeURIComponent(slug)}/preview?articles=${articles}&show=20`, draft);
       if (mine !== seq) return;
       hist = p.histogram; now = p.matching_now; replayed = p.articles;
       drawChart();
