@@ -50,6 +50,8 @@ ASSETS = {
     for name in ("console.js", "console.css", "favicon.svg")
     if (_STATIC / name).is_file()
 }
+# The page, read once as the assets are; served at /console only, not among /static's names.
+PAGE = _asset("index.html")
 
 
 class Login(BaseModel):
@@ -90,7 +92,7 @@ def build_router(settings: Settings) -> APIRouter:
     @router.get("/", include_in_schema=False)
     async def page() -> Response:
         """The console's one page; what it shows is drawn by its script."""
-        body, media_type = _asset("index.html")
+        body, media_type = PAGE
         return Response(
             body, media_type=media_type, headers={**_HEADERS, "Cache-Control": "no-cache"}
         )
