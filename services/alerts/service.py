@@ -224,7 +224,11 @@ class AlertsService:
         )
         article_id = event.article.article_id
         claim = claim_for(
-            article_id, score.topic, sub.id, lifetime_days=settings.feedback_link_days, now=utcnow()
+            article_id,
+            score.topic,
+            sub.id,
+            lifetime_days=settings.feedback_link_days,
+            now=self._clock(),
         )
         assert self._feedback_secret is not None, "ensure_seeded comes first"
         feedback = feedback_links(claim, self._feedback_secret, settings.public_url)
