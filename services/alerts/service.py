@@ -186,11 +186,12 @@ class AlertsService:
             except EventError as exc:
                 log.error("skipping malformed event at %s: %s", message.coordinates, exc)
                 continue
-            claims = story_claims(story_of(event), event.article.article_id)
+            story = story_of(event)
+            claims = story_claims(story, event.article.article_id)
             for score in event.matches:
                 for sub in subscriptions:
                     if sub.wants(score.topic, score.score):
-                        row = self._new_delivery(sub, event, score)
+                        row = self._new_delivery(sub, event, story, score)
                         grouped = claims if sub.grouping == "story" else ()
                         rows.append(NewAlert(row, sub, score.score, grouped))
         added = await self.deliveries.add_alerts(rows)
@@ -215,6 +216,7 @@ class AlertsService:
         self,
         sub: Subscription,
         event: ArticleMatched,
+        story: StoryRef,
         score: TopicScore,
         kind: str = MATCHED_EVENT,
     ) -> NewDelivery:
@@ -245,7 +247,7 @@ class AlertsService:
             topic=score.topic,
             payload=build_payload(sub.id, event, score, feedback=feedback, kind=kind),
             not_before=not_before,
-            story_id=story_of(event).story_id,
+            story_id=story.story_id,
             held_reason=held_reason,
         )
 
@@ -382,7 +384,7 @@ class AlertsService:
         """Queue a test alert for ``sub_id`` (sent at once, digest or not); returns its id."""
         sub = await self._found(sub_id)
         event, score = test_event()
-        row = self._new_delivery(sub, event, score, kind=TEST_EVENT)
+        row = self._new_delivery(sub, event, story_of(event), score, kind=TEST_EVENT)
         await self.deliveries.add([dataclasses.replace(row, not_before=None, held_reason=None)])
         self.wake()
         return row.id
