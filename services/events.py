@@ -172,7 +172,7 @@ class StoryRef(BaseModel):
 
 
 class ArticleMatched(Event):
-    """An article matched at least one topic; ``scores`` holds every enabled topic's result.
+    """An article matched at least one topic; ``scores`` holds every live topic's result.
 
     ``story`` is the story the article joined (absent from producers that group none).
     """

@@ -74,6 +74,9 @@ def test_each_refusal_has_its_own_type_under_one_base() -> None:
     for malformed in ["", "not a token", "%%%", "abc", "A" * (MAX_TOKEN_CHARS + 1), "é" * 40]:
         with pytest.raises(MalformedToken):
             verify_token(malformed, SECRET, now=NOW)
+    # The length cap itself, not what decoding such a run of "A"s would find.
+    with pytest.raises(MalformedToken, match="too long"):
+        verify_token("A" * (MAX_TOKEN_CHARS + 1), SECRET, now=NOW)
     assert issubclass(MalformedToken, FeedbackTokenError)
     assert issubclass(BadSignature, FeedbackTokenError)
     assert issubclass(ExpiredToken, FeedbackTokenError)

@@ -102,17 +102,13 @@ class TopicLabels:
     relevant: npt.NDArray[np.bool_]  # per label
     weights: npt.NDArray[np.float64]
 
-    def resemblance(
-        self, vectors: Vectors, exclude: int | None = None
-    ) -> tuple[Nearest | None, Nearest | None]:
+    def resemblance(self, vectors: Vectors) -> tuple[Nearest | None, Nearest | None]:
         """The nearest relevant and not-relevant labelled articles to ``vectors``' passages."""
         if not len(self.labels) or not len(vectors):
             return None, None
         per_row = (vectors @ self.matrix.T).max(axis=0)
         per_label = np.full(len(self.labels), -1.0)
         np.maximum.at(per_label, self.owner, per_row)
-        if exclude is not None:
-            per_label[exclude] = -1.0
         found: list[Nearest | None] = []
         for side in (self.relevant, ~self.relevant):
             masked = np.where(side, per_label, -1.0)

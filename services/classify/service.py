@@ -416,7 +416,7 @@ class ClassifyService:
         )
 
     async def score(self, request: ScoreRequest) -> ScoreResponse:
-        """Score one article against every enabled topic, with the evidence of each."""
+        """Score one article against every live topic, with the evidence of each."""
         await self.start()
         indexes = self._indexes
 
@@ -676,12 +676,11 @@ class ClassifyService:
         known = await store.matched_articles(
             self.engine, slug, [r.article_id for r, _, _ in matching]
         )
-        fresh = [(r, s) for r, article, s in matching if r.article_id not in known]
+        fresh = [(r, article, s) for r, article, s in matching if r.article_id not in known]
         refs = await self.assign_stories(
             [
                 story_input(article, r.embedded, [slug], r.fetched_at or r.classified_at)
-                for r, article, _ in matching
-                if r.article_id not in known
+                for r, article, _ in fresh
             ]
         )
         events = [
@@ -692,8 +691,7 @@ class ClassifyService:
                 fetched_at=r.fetched_at or r.classified_at,
                 story=refs.get(r.article_id),
             )
-            for r, article, s in matching
-            if r.article_id not in known
+            for r, article, s in fresh
         ]
         # Published first, recorded after: a crash in between republishes the same event ids,
         # which alerts delivers once.
@@ -713,7 +711,7 @@ class ClassifyService:
                     "evidence": s.evidence.model_dump(mode="json"),
                     "matched_at": utcnow(),
                 }
-                for e, (r, s) in zip(events, fresh, strict=True)
+                for e, (r, _, s) in zip(events, fresh, strict=True)
             ],
         )
         log.info(
@@ -870,7 +868,7 @@ class ClassifyService:
         results = await asyncio.to_thread(self._embed, [event for _, event in events])
         lap("embedding")
         classified: list[store.Classified] = []
-        matching: list[tuple[ArticleFetched, EmbeddedArticle, list[TopicScore]]] = []
+        matching: list[tuple[ArticleFetched, EmbeddedArticle, list[TopicScore], str]] = []
         for (message, event), result in zip(events, results, strict=True):
             # Every line logged about this article carries its id.
             with log_context(article_id=event.article.article_id):
@@ -889,8 +887,8 @@ class ClassifyService:
                     continue
                 matched_id = None
                 if any(s.matched for s in scores):
-                    matching.append((event, result, scores))
                     matched_id = uuid.uuid5(_DERIVED, event.event_id).hex
+                    matching.append((event, result, scores, matched_id))
                 classified.append(
                     store.Classified(event.article, result, matched_id, scores, event.fetched_at)
                 )
@@ -902,18 +900,18 @@ class ClassifyService:
                 story_input(
                     e.article, embedded, [s.topic for s in scores if s.matched], e.fetched_at
                 )
-                for e, embedded, scores in matching
+                for e, embedded, scores, _ in matching
             ]
         )
         matches = [
             ArticleMatched(
-                event_id=uuid.uuid5(_DERIVED, event.event_id).hex,
+                event_id=matched_id,
                 article=event.article,
                 scores=scores,
                 fetched_at=event.fetched_at,
                 story=refs.get(event.article.article_id),
             )
-            for event, _, scores in matching
+            for event, _, scores, matched_id in matching
         ]
         lap("stories")
         # Published together: one round trip per batch to the broker, not one per article.
