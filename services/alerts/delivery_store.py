@@ -614,7 +614,13 @@ class DeliveryStore:
         return int(result.rowcount)
 
     async def release_held(
-        self, sub_id: str, due_at: datetime, lease_s: float, limit: int
+        self,
+        sub_id: str,
+        due_at: datetime,
+        lease_s: float,
+        limit: int,
+        *,
+        exclude: Collection[str] = (),
     ) -> list[Delivery]:
         """Take the oldest ``limit`` held alerts of ``sub_id`` due at ``due_at`` (released
         together, or retried together) for one attempt: they become pending, out of every
@@ -627,6 +633,8 @@ class DeliveryStore:
             deliveries.c.status.in_(SENDABLE),
             deliveries.c.next_attempt_at == due_at,
         ]
+        if exclude:
+            held.append(deliveries.c.id.not_in(exclude))
         order = (deliveries.c.created_at, deliveries.c.id)
         query = _lease(held, now, lease_s, order, limit, status=PENDING).returning(*deliveries.c)
         async with self._engine.begin() as conn:

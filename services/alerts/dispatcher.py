@@ -314,9 +314,12 @@ class Dispatcher:
                         moved += 1
                         continue
                     rows = await self._deliveries.release_held(
-                        sub.id, delivery.next_attempt_at, self._lease_s(sub), DIGEST_MAX_ITEMS
+                        sub.id,
+                        delivery.next_attempt_at,
+                        self._lease_s(sub),
+                        DIGEST_MAX_ITEMS,
+                        exclude=busy,
                     )
-                    rows = [r for r in rows if r.id not in busy]
                     if not rows:  # another process took them
                         continue
                     rows = await self._with_story_counts(sub.id, rows)
