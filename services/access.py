@@ -102,6 +102,11 @@ def _csrf(key: ApiKey, nonce: str) -> str:
     return _b64(hmac.new(_session_key(key), _CSRF_DOMAIN + nonce.encode(), hashlib.sha256).digest())
 
 
+def _sign(key: ApiKey, body: str) -> str:
+    """A session cookie's tag: made by ``make_session``, checked by ``check_session``."""
+    return _b64(hmac.new(_session_key(key), body.encode(), hashlib.sha256).digest())
+
+
 def make_session(
     key: ApiKey, lifetime_s: float, *, now: float | None = None
 ) -> tuple[str, Session]:
@@ -109,8 +114,7 @@ def make_session(
     expires = int((time.time() if now is None else now) + lifetime_s)
     nonce = secrets.token_urlsafe(16)
     body = _b64(json.dumps([key.name, expires, nonce], separators=(",", ":")).encode())
-    tag = _b64(hmac.new(_session_key(key), body.encode(), hashlib.sha256).digest())
-    return f"{body}.{tag}", Session(key, float(expires), _csrf(key, nonce))
+    return f"{body}.{_sign(key, body)}", Session(key, float(expires), _csrf(key, nonce))
 
 
 @dataclass(frozen=True)
@@ -135,8 +139,7 @@ def check_session(keys: list[ApiKey], cookie: str, *, now: float | None = None) 
     key = next((k for k in keys if k.name == name), None)
     if key is None:
         return refused
-    expected = _b64(hmac.new(_session_key(key), body.encode(), hashlib.sha256).digest())
-    if not hmac.compare_digest(expected.encode(), tag.encode("utf-8", "replace")):
+    if not hmac.compare_digest(_sign(key, body).encode(), tag.encode("utf-8", "replace")):
         return refused
     if (time.time() if now is None else now) >= expires:
         return SessionCheck(401, reason="console session expired: log in again")
