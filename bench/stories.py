@@ -60,6 +60,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.backtest import DEV_PATH, STREAM, MemoEmbedder, admitted, load_stream, when  # noqa: E402
+from bench.evaluate import prf as counted_prf  # noqa: E402
 from bench.evaluate import rows  # noqa: E402
 
 DATA = REPO / "bench" / "data"
@@ -106,25 +107,21 @@ def agreement(a: Sequence[bool], b: Sequence[bool]) -> dict[str, Any]:
 
 
 def prf(truth: Sequence[bool], predicted: Sequence[bool]) -> dict[str, Any]:
-    tp = sum(t and p for t, p in zip(truth, predicted, strict=True))
-    fp = sum(p and not t for t, p in zip(truth, predicted, strict=True))
-    fn = sum(t and not p for t, p in zip(truth, predicted, strict=True))
-    precision = tp / (tp + fp) if tp + fp else None
-    recall = tp / (tp + fn) if tp + fn else None
-    f1 = (
-        2 * precision * recall / (precision + recall)
-        if precision is not None and recall is not None and precision + recall
-        else None
-    )
+    """``bench.evaluate.prf`` with the set's size and positives, its figures rounded (F1 is 0.0
+    where nothing is found right yet something was predicted or missed)."""
+    m = counted_prf(truth, predicted)
+    tp, fp, fn = (int(m[k] or 0) for k in ("tp", "fp", "fn"))  # counts: never None
     return {
         "n": len(truth),
         "positives": tp + fn,
         "tp": tp,
         "fp": fp,
         "fn": fn,
-        "precision": None if precision is None else round(precision, 3),
-        "recall": None if recall is None else round(recall, 3),
-        "f1": None if f1 is None else round(f1, 3),
+        **{
+            k: None if v is None else round(v, 3)
+            for k in ("precision", "recall", "f1")
+            for v in [m[k]]
+        },
     }
 
 
