@@ -54,25 +54,16 @@ def build_router(service: ClassifyService) -> APIRouter:
     router = APIRouter(tags=["classify"])
 
     async def answered(call: Awaitable[T]) -> T:
-        """404 for a topic, article or label that is not there, 409 for a topic that is not
-        live or that another writer changed first."""
+        """404 for a topic, article or label that is not there, 422 for a change whose merge
+        with the stored topic is invalid, 409 for a topic that is not live or that another
+        writer changed first."""
         try:
             return await call
         except (TopicNotFound, ArticleNotFound, LabelNotFound) as exc:
             raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
-        except (TopicConflict, TopicNotLive) as exc:
-            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
-
-    async def answer(call: Awaitable[Topic]) -> Topic:
-        """A change to an existing topic: 404 if it is gone, 422 if the merge is invalid, 409
-        if another writer got there first."""
-        try:
-            return await call
-        except TopicNotFound as exc:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
         except ValidationError as exc:
             raise unprocessable_model(exc) from exc
-        except TopicConflict as exc:
+        except (TopicConflict, TopicNotLive) as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
 
     @router.get("/topics")
@@ -82,7 +73,7 @@ def build_router(service: ClassifyService) -> APIRouter:
 
     @router.get("/topics/{slug}")
     async def get_topic(slug: str) -> Topic:
-        return await answer(service.topic(slug))
+        return await answered(service.topic(slug))
 
     @router.post("/topics", status_code=status.HTTP_201_CREATED)
     async def create_topic(definition: TopicDefinition, request: Request) -> Topic:
@@ -95,21 +86,21 @@ def build_router(service: ClassifyService) -> APIRouter:
     @router.patch("/topics/{slug}")
     async def update_topic(slug: str, update: TopicUpdate, request: Request) -> Topic:
         """Change the fields given; the version goes up by one."""
-        return await answer(service.update_topic(slug, update, actor=_actor(request)))
+        return await answered(service.update_topic(slug, update, actor=_actor(request)))
 
     @router.delete("/topics/{slug}", status_code=status.HTTP_204_NO_CONTENT)
     async def delete_topic(slug: str, request: Request) -> Response:
         """Delete a topic; its past matches stay, attributed to their version."""
-        await answer(service.delete_topic(slug, actor=_actor(request)))
+        await answered(service.delete_topic(slug, actor=_actor(request)))
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
     @router.post("/topics/{slug}/enable")
     async def enable_topic(slug: str, request: Request) -> Topic:
-        return await answer(service.set_enabled(slug, True, actor=_actor(request)))
+        return await answered(service.set_enabled(slug, True, actor=_actor(request)))
 
     @router.post("/topics/{slug}/disable")
     async def disable_topic(slug: str, request: Request) -> Topic:
-        return await answer(service.set_enabled(slug, False, actor=_actor(request)))
+        return await answered(service.set_enabled(slug, False, actor=_actor(request)))
 
     @router.post("/topics/{slug}/preview", openapi_extra=READ_ONLY)
     async def preview_topic(
@@ -133,7 +124,7 @@ def build_router(service: ClassifyService) -> APIRouter:
     @router.post("/topics/{slug}/publish")
     async def publish_topic(slug: str, request: Request) -> Topic:
         """Make a draft topic live (a new version); a live topic is answered as it is."""
-        return await answer(service.publish(slug, actor=_actor(request)))
+        return await answered(service.publish(slug, actor=_actor(request)))
 
     @router.get("/topics/{slug}/history")
     async def topic_history(
