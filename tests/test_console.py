@@ -178,7 +178,13 @@ async def test_console_pages_carry_a_strict_content_security_policy(
         assert response.headers["x-content-type-options"] == "nosniff"
     page = (await client.get("/console")).text
     assert "<script>" not in page and " style=" not in page  # nothing inline for the CSP to refuse
-    assert (await client.get("/console/static/../routes.py")).status_code == 404
+    # Names that reach the asset route itself (httpx would normalise a literal "../" away, and
+    # an encoded "/" never matches {name}): a file beside the assets, a traversal spelt with
+    # backslashes, "..", and the page, which is served at /console only.
+    for name in ("routes.py", "..%5Croutes.py", "..%5C..%5Capi.py", "%2e%2e", "index.html"):
+        refused = await client.get(f"/console/static/{name}")
+        assert refused.status_code == 404, name
+        assert refused.json()["detail"] == "no such console asset", name
     assert (await client.get("/console/static/nothing.js")).status_code == 404
 
 
