@@ -176,6 +176,19 @@ def score_histogram(scores: Iterable[TopicScore]) -> ScoreHistogram:
     return ScoreHistogram(counts=counts, vetoed=vetoed)
 
 
+def _history_entry(
+    topic: Topic, change: str, actor: str | None, changes: dict[str, Any]
+) -> dict[str, Any]:
+    """A version's line in the topic's history: what made it, who, when, and what changed."""
+    return {
+        "version": topic.version,
+        "change": change,
+        "at": utcnow().isoformat(),
+        "actor": actor,
+        "changes": changes,
+    }
+
+
 def _diff(before: Topic | None, after: Topic) -> dict[str, Any]:
     """The definition's fields that differ, as JSON: ``{field: {"before", "after"}}``."""
     old = before.model_dump(mode="json", exclude={"version"}) if before else {}
@@ -243,12 +256,7 @@ class ClassifyService:
             if await store.seed_topics(self.engine, self._seeds, self._seeds_source):
                 log.info("seeded %d topics from %s", len(self._seeds), self._seeds_source)
                 for seed in self._seeds:
-                    entry = {
-                        "version": seed.version,
-                        "change": "seeded",
-                        "at": utcnow().isoformat(),
-                    }
-                    entry.update(actor=self._seeds_source, changes=_diff(None, seed))
+                    entry = _history_entry(seed, "seeded", self._seeds_source, _diff(None, seed))
                     await store.record_history(self.engine, seed.slug, seed.version, entry)
             await self.reload_topics()
             self._started = True
@@ -771,13 +779,8 @@ class ClassifyService:
     ) -> None:
         """Record the version in the topic's history, reload here, then tell every other
         classify process."""
-        entry = {"version": topic.version, "change": change, "at": utcnow().isoformat()}
-        await store.record_history(
-            self.engine,
-            topic.slug,
-            topic.version,
-            {**entry, "actor": actor, "changes": changes or {}},
-        )
+        entry = _history_entry(topic, change, actor, changes or {})
+        await store.record_history(self.engine, topic.slug, topic.version, entry)
         await self.reload_topics()
         event = TopicChanged(slug=topic.slug, topic_version=topic.version, change=change)
         await self.bus.publish(
