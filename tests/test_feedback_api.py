@@ -13,7 +13,7 @@ import asyncio
 import email
 import email.policy
 import re
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -23,7 +23,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-import numpy as np
 import pytest
 from aiosmtpd.controller import Controller
 
@@ -34,7 +33,6 @@ from newsmon.api import build_app
 from newsmon.bus import MemoryBus
 from newsmon.classify import links
 from newsmon.classify import routes as classify_routes
-from newsmon.classify.model import Vectors
 from newsmon.classify.service import ClassifyService
 from newsmon.events import ARTICLES_FETCHED, Article, ArticleFetched
 from newsmon.feedback_links import Claim, feedback_secret, make_token
@@ -46,6 +44,7 @@ from tests.helpers import (
     WORD_TOPIC,
     LoopbackServer,
     Reply,
+    WordEmbedder,
     free_port,
     until,
     verify_standard_webhook,
@@ -54,18 +53,7 @@ from tests.helpers import (
 
 PUBLIC = "http://newsmon.test"
 ADDRESS = "analyst@example.org"
-WORDS = ("fentanyl", "weather", "football")
 TOPIC = WORD_TOPIC
-
-
-class WordEmbedder:
-    """Embeds a text as the unit vector of which of three words it mentions."""
-
-    def embed(self, texts: Sequence[str]) -> Vectors:
-        rows = np.array(
-            [[float(w in t.lower()) for w in WORDS] + [0.01] for t in texts], dtype=np.float32
-        )
-        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
 @dataclass
