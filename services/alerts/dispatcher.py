@@ -288,6 +288,7 @@ class Dispatcher:
             plain: dict[float, list[tuple[Subscription, Delivery, bool]]] = {}
             scheduled: dict[float, list[tuple[Subscription, Delivery, bool]]] = {}
             moved = 0  # held alerts due in quiet hours (retries, downtime): moved to their end
+            postponed: set[tuple[str, datetime]] = set()  # (subscription, due at): moved this pass
             for item in due:
                 delivery, sub = item.delivery, item.subscription
                 if started >= room or delivery.id in busy:
@@ -306,11 +307,15 @@ class Dispatcher:
                     if not rows:  # another process took them
                         continue
                 elif delivery.held_reason is not None:  # with those held until the same time
+                    held_at = (sub.id, delivery.next_attempt_at)
+                    if held_at in postponed:  # moved with the first of them this pass
+                        continue
                     quiet_end = _quiet_end(sub, self._clock())
                     if quiet_end is not None:
                         await self._deliveries.postpone_held(
                             sub.id, delivery.next_attempt_at, quiet_end
                         )
+                        postponed.add(held_at)
                         moved += 1
                         continue
                     rows = await self._deliveries.release_held(
