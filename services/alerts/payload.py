@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from newsmon.alerts.schedule import HOLD_BUDGET, HOLD_QUIET
 from newsmon.events import Article, ArticleMatched, Evidence, StoryRef, TopicScore, utcnow
 
 PAYLOAD_VERSION = 1
@@ -96,31 +97,31 @@ def summary_id(delivery_ids: Sequence[str]) -> str:
 def build_summary(
     subscription_id: str,
     held: Sequence[tuple[str, bytes, str | None, datetime]],
-    story_counts: Mapping[str, int] | None = None,
+    story_counts: Mapping[str, int],
 ) -> bytes:
     """One body for alerts that were held: ``held`` is (delivery id, alert payload, why it was
-    held, when it was recorded) per alert, oldest first. Each alert is listed whole, as its own
-    webhook would have carried it; where its story has grown since (``story_counts``: story id
-    -> articles now), ``story.article_count_now`` says how far. The timestamp is when the
-    latest of them was recorded."""
+    held, when it was recorded) per alert, oldest first, one at least. Each alert is listed
+    whole, as its own webhook would have carried it; where its story has grown since
+    (``story_counts``: story id -> articles now), ``story.article_count_now`` says how far.
+    The timestamp is when the latest of them was recorded."""
     alerts: list[dict[str, Any]] = []
     for delivery_id, payload, _, _ in held:
         alert = json.loads(payload)
         data = alert["data"]
         story = data.get("story")
-        now = (story_counts or {}).get(story["id"]) if story else None
+        now = story_counts.get(story["id"]) if story else None
         if story and now and now > story["article_count"]:
             data["story"] = {**story, "article_count_now": now}
         alerts.append({"delivery_id": delivery_id, "type": alert["type"], **data})
     body = {
         "type": SUMMARY_EVENT,
         "version": PAYLOAD_VERSION,
-        "timestamp": max(at for *_, at in held).isoformat() if held else None,
+        "timestamp": max(at for *_, at in held).isoformat(),
         "data": {
             "subscription_id": subscription_id,
             "held_for": sorted({reason for _, _, reason, _ in held if reason}),
             "count": len(alerts),
-            "since": min(at for *_, at in held).isoformat() if held else None,
+            "since": min(at for *_, at in held).isoformat(),
             "alerts": alerts,
         },
     }
@@ -174,7 +175,7 @@ def describe_alert(payload: bytes) -> str:
     return "\n".join(lines)
 
 
-HELD_FOR = {"quiet_hours": "quiet hours", "budget": "over budget"}
+HELD_FOR = {HOLD_QUIET: "quiet hours", HOLD_BUDGET: "over budget"}
 
 
 def held_for(reasons: Sequence[str | None]) -> str:
