@@ -157,7 +157,7 @@ class SubscriptionUpdate(BaseModel):
 
 
 def channel_problems(
-    channel: str, url: str | None, email: str | None, mode: str, budget: object = None
+    channel: str, url: str | None, email: str | None, mode: str, budget: object
 ) -> list[tuple[str, str]]:
     """Field-level problems of a subscription's channel settings, as (field, message)."""
     problems = []
