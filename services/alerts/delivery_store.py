@@ -451,7 +451,7 @@ class DeliveryStore:
                 key = (a.subscription.id, a.delivery.topic, a.delivery.story_id or "", claim)
                 asked.setdefault(key, a.delivery.id)
         budget_of = {
-            a.subscription.id: b for a in alerts if (b := _budget_of(a.subscription)) is not None
+            a.subscription.id: b for a in alerts if (b := a.subscription.budget) is not None
         }
         budgeted = sorted(budget_of)
         ids = sorted({a.delivery.id for a in alerts})
@@ -529,9 +529,7 @@ class DeliveryStore:
         if not due:
             return set()
         now = self._clock()
-        budget_of = {
-            d.subscription.id: b for d in due if (b := _budget_of(d.subscription)) is not None
-        }
+        budget_of = {d.subscription.id: b for d in due if (b := d.subscription.budget) is not None}
         budgeted = sorted(budget_of)
         won: set[str] = set()
         engine = self._engine
@@ -743,10 +741,6 @@ def _health(
     again = [{"b_id": s, "b_since": t} for s, t in since.items() if s in last_ok]
     disabled = [{"b_id": s, "b_reason": r} for s, r in reasons.items()]
     return recovered, failing, again, disabled
-
-
-def _budget_of(sub: Subscription) -> Budget | None:
-    return sub.budget if sub.mode == "instant" else None
 
 
 def _counted(budget: Budget, d: Delivery, now: datetime) -> bool:
