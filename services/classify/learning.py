@@ -43,7 +43,7 @@ CALIBRATION_SLOPE = 75.0
 DEFAULT_MIDPOINT = 0.65
 # Passages closer than this to a labelled article's count as resembling it; below it, articles
 # on the same broad subject resemble each other anyway and say nothing about the label.
-SIMILARITY_FLOOR = 0.7
+SIMILARITY_FLOOR = 0.6
 # The ridge penalty toward "labels change nothing", in units of labels: it takes about this many
 # consistent labels to move a weight by half of what they point to.
 PRIOR_STRENGTH = 2.0
