@@ -207,6 +207,7 @@ async def test_topics_crud_bumps_versions_and_reloads(api: Any) -> None:
         ({**NEW_TOPIC, "examples": [f"e{i}" for i in range(61)]}, "examples", "at most"),
         ({**NEW_TOPIC, "examples": ["x" * 501]}, "examples", "at most 500"),
         ({**NEW_TOPIC, "colour": "red"}, "colour", "Extra inputs"),
+        ({**NEW_TOPIC, "exclude_any": ["from {STATES}"]}, "exclude_any", "unknown place list"),
     ],
 )
 async def test_invalid_topics_get_422_naming_the_field(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -214,6 +215,36 @@ def test_terms_match_whole_words_case_insensitively() -> None:
     assert find_term(("U.S.",), "The U.S. and Mexico agreed") == "U.S."
     assert find_term(("U.S.",), "The U.S.A. said") is None
     assert find_term(("AT&T",), "AT&T said") == "AT&T"
+
+
+def test_a_star_ends_any_word_and_a_place_list_matches_its_places() -> None:
+    interstate = ("extradit* from {US_STATE}", "extradit* from {AU_STATE}")
+    assert find_term(interstate, "Suspect extradited from South Carolina") == (
+        "extradited from South Carolina"
+    )
+    assert find_term(interstate, "He fought extradition from NSW") == "extradition from NSW"
+    assert find_term(interstate, "She was extradited from Colombia") is None
+    # A place is a whole word, and Georgia, also a country, is no US state here.
+    assert find_term(interstate, "extradited from Texasville") is None
+    assert find_term(interstate, "extradited from Georgia") is None
+    topic = TOPIC.model_copy(update={"exclude_any": interstate})
+    assert check_keywords(topic, "Man extradited from Ohio to Idaho")[1] == (
+        "mentions the excluded term 'extradited from Ohio'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("term", "error"),
+    [
+        ("extra*dit", "a * must end a word"),
+        ("cartel *", "a * must end a word"),
+        ("extradit* from {US_STATES}", "unknown place list {US_STATES}; known: {US_STATE}"),
+        ("*cartel", "String should match pattern"),
+    ],
+)
+def test_a_malformed_term_is_refused_with_what_is_wrong(term: str, error: str) -> None:
+    with pytest.raises(ValidationError, match=re.escape(error)):
+        TOPIC.model_validate({**TOPIC.model_dump(), "exclude_any": [term]})
 
 
 def test_require_also_wants_a_term_of_each_group_as_well() -> None:
