@@ -27,7 +27,8 @@ scored, and labelled in the feedback runs, but not counted): per topic P/R/F1, m
 per true alert, and the labels it took (counted from the scratch database's ``classify_labels``,
 next to the backtest's own summary); and the keyword query (``bench.evaluate``) on the same
 items. The issue's goal, checked per topic: recall >= 0.9 with at most 1.25 alerts per true
-alert.
+alert, and per feedback run the topics its labels made worse than no feedback (none, the
+issue asks).
 
 **Only what can match.** By default the runs read only the items that some topic's keyword
 constraints admit (about 570 of the 22,400): an item every topic's constraints veto can neither
@@ -204,6 +205,21 @@ async def count_labels(url: str) -> dict[str, Any]:
     return {"total": total, "by_topic": dict(sorted(by_topic.items()))}
 
 
+def never_worse(runs: dict[str, Any]) -> dict[str, list[str]]:
+    """Per feedback run, the topics whose F1 fell below the run without feedback (the issue's
+    "more labels never make a topic worse"): an empty list where labels hurt no topic."""
+    base = runs["no feedback"]["topics"]
+    return {
+        name: [
+            slug
+            for slug, m in result["topics"].items()
+            if (m["f1"] or 0.0) < (base[slug]["f1"] or 0.0)
+        ]
+        for name, result in runs.items()
+        if name != "no feedback"
+    }
+
+
 def cell(value: float | None) -> str:
     return f"{'n/a':>6}" if value is None else f"{value:6.3f}"
 
@@ -349,6 +365,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             out["runs"][name] = result
             print_run(f"{name} ({result['seconds']} s)", result)
             save()
+    if "no feedback" in out["runs"]:
+        out["labels_never_worse"] = never_worse(out["runs"])
+        for run, worse in out["labels_never_worse"].items():
+            print(
+                f"  {run}: " + (f"worse than no feedback on {worse}" if worse else "no topic worse")
+            )
     save()
     print(f"\nwrote {args.out} in {out['seconds']} s")
     return 0

@@ -7,8 +7,9 @@ edit that brings back a reported false alarm, or loses a reported kind of true m
 here with the score and the evidence that decided it.
 
 Two reported patterns are not here because the definitions do not yet decide them: a cartel
-leader extradited years after his capture still scores as an arrest (about 0.6; a
-counter-example for it cost true arrests on the dev set's time split and the stream), and
+leader extradited years after his capture still scores as an arrest (about 0.6; each
+counter-example tried for it cost true arrests: on the dev set's time split and the stream, or
+in the seed article's paragraphs), and
 Mexico's president meeting a US company's chief scores about 0.5, at the threshold.
 """
 
