@@ -42,7 +42,9 @@ from newsmon.classify.model import Vectors
 CALIBRATION_SLOPE = 75.0
 DEFAULT_MIDPOINT = 0.65
 # Passages closer than this to a labelled article's count as resembling it; below it, articles
-# on the same broad subject resemble each other anyway and say nothing about the label.
+# on the same broad subject resemble each other anyway and say nothing about the label
+# (bench/resemblance.py: labelled pairs above 0.7 agree 96-100% of the time, 0.6-0.7 81-99%,
+# 0.5-0.6 43-97%; on the stream's backtest 0.6 gains at K=3 and loses nothing at K=0).
 SIMILARITY_FLOOR = 0.6
 # The ridge penalty toward "labels change nothing", in units of labels: it takes about this many
 # consistent labels to move a weight by half of what they point to.
