@@ -20,7 +20,7 @@ from newsmon.bus import Bus, MemoryBus, Message, open_bus
 from newsmon.classify import store
 from newsmon.classify.routes import build_router
 from newsmon.classify.service import ClassifyService
-from newsmon.classify.topics import Topic
+from newsmon.classify.topics import Topic, stored_topic
 from newsmon.events import (
     ARTICLES_FETCHED,
     ARTICLES_FETCHED_DLQ,
@@ -303,6 +303,16 @@ async def test_concurrent_creations_of_one_slug_store_one_and_refuse_the_rest(
     )
     assert sum(isinstance(r, Topic) for r in results) == 1
     assert all(isinstance(r, store.TopicConflict) for r in results if not isinstance(r, Topic))
+
+
+async def test_a_topic_stored_before_term_checks_still_loads(engine: Any) -> None:
+    # "cartel *" was a valid term before a * had to end a word: the classify service must still
+    # load the topic (one that failed to load would take every topic down with it).
+    old = stored_topic({**NEW_TOPIC, "exclude_any": ["cartel *"], "version": 1})
+    await store.create_topic(engine, old)
+    [loaded] = [t for t in await store.load_topics(engine) if t.slug == "weather"]
+    assert loaded.exclude_any == ("cartel *",)
+    assert (await store.get_topic(engine, "weather")) == loaded
 
 
 async def test_concurrent_creations_of_one_slug_give_one_201_and_422s(api: Any) -> None:

@@ -49,7 +49,7 @@ from newsmon.classify import stories
 from newsmon.classify.learning import Label
 from newsmon.classify.model import Vectors
 from newsmon.classify.scoring import EmbeddedArticle
-from newsmon.classify.topics import Topic
+from newsmon.classify.topics import Topic, stored_topic
 from newsmon.db import UTCDateTime, insert_ignoring_duplicates
 from newsmon.events import Article, StoryRef, TopicScore, utcnow
 
@@ -190,7 +190,7 @@ async def load_topics(engine: AsyncEngine) -> list[Topic]:
             .where(topics_table.c.deleted.is_(False))
             .order_by(topics_table.c.slug)
         )
-        return [Topic.model_validate({**row.definition, "version": row.version}) for row in rows]
+        return [stored_topic({**row.definition, "version": row.version}) for row in rows]
 
 
 async def get_topic(engine: AsyncEngine, slug: str) -> Topic | None:
@@ -202,7 +202,7 @@ async def get_topic(engine: AsyncEngine, slug: str) -> Topic | None:
                 )
             )
         ).first()
-    return None if row is None else Topic.model_validate({**row.definition, "version": row.version})
+    return None if row is None else stored_topic({**row.definition, "version": row.version})
 
 
 async def create_topic(engine: AsyncEngine, topic: Topic) -> Topic:

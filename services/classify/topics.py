@@ -7,8 +7,9 @@ of terms of which a match must mention one each, on top: "an arrest word" and "a
 matched on word boundaries; a ``*`` at the end of a word matches any ending (``extradit*``,
 ``extradit* from``), and a place list in braces matches any of its places
 (``extradit* from {US_STATE}``: "extradited from Ohio"; ``PLACE_LISTS`` holds them). The
-constraints read the text with ``ignore_phrases`` blanked out: phrases that contain a term but
-are no mention of it ("New Mexico" for a topic about the country Mexico, "digital fentanyl").
+constraints, ``exclude_any`` included, read the text with ``ignore_phrases`` blanked out:
+phrases that contain a term but are no mention of it ("New Mexico" for a topic about the country
+Mexico, "digital fentanyl").
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo
 
 MAX_EXAMPLES = 60
 MAX_EXAMPLE_CHARS = 500
@@ -96,6 +97,16 @@ PLACE_LISTS: dict[str, tuple[str, ...]] = {
     ),
 }
 _TERM_PARTS = re.compile(r"(\*|\{[^{}]*\})")
+# A * that does not end a word: after a space, a place list or nothing, or before anything but
+# a space. Refused, so that every \w* a term compiles to is followed by a space or nothing.
+_STRAY_STAR = re.compile(r"(?:^|[\s}])\*|\*(?=\S)")
+TERM_SYNTAX = (
+    "case-insensitive words or phrases, matched as whole words; a * at the end of a word matches "
+    "any ending (extradit*); {US_STATE} or {AU_STATE} matches any of those places"
+)
+# Stored topics are read with this context: a term saved before the syntax above was checked
+# ("cartel *", "{notes}") still loads, and is matched as it always was.
+STORED = {"stored": True}
 
 
 def _not_blank(value: str) -> str:
@@ -119,29 +130,44 @@ Example = Annotated[
 ]
 
 
-def _valid_term(term: str) -> str:
-    for i, part in enumerate(parts := _TERM_PARTS.split(term)):
-        if part == "*" and (not parts[i - 1][-1:].strip() or parts[i + 1][:1].strip()):
-            raise ValueError(f"{term!r}: a * must end a word (extradit*)")
-        if part.startswith("{") and part[1:-1] not in PLACE_LISTS:
+def _tokens(term: str) -> list[tuple[str, str]]:
+    """A term's pieces: ("text", …), ("any", "*") and ("place", NAME) for a known place list;
+    braces that name no list are text."""
+    tokens: list[tuple[str, str]] = []
+    for i, part in enumerate(_TERM_PARTS.split(term)):
+        if i % 2 == 0 or (part[1:-1] not in PLACE_LISTS and part != "*"):
+            if part:
+                tokens.append(("text", part))
+        else:
+            tokens.append(("any", part) if part == "*" else ("place", part[1:-1]))
+    return tokens
+
+
+def _valid_term(term: str, info: ValidationInfo) -> str:
+    if info.context == STORED:
+        return term
+    if _STRAY_STAR.search(term):
+        raise ValueError(f"{term!r}: a * must end a word (extradit*)")
+    for kind, text in _tokens(term):
+        if kind == "text" and (group := re.search(r"\{[^{}]*\}", text)):
             raise ValueError(
-                f"{term!r}: unknown place list {part}; known: "
+                f"{term!r}: unknown place list {group.group(0)}; known: "
                 + ", ".join(f"{{{name}}}" for name in PLACE_LISTS)
             )
+        if kind == "text" and ("{" in text or "}" in text):
+            raise ValueError(f"{term!r}: a brace only opens or closes a place list ({{US_STATE}})")
     return term
 
 
 Term = Annotated[
     str,
-    StringConstraints(
-        strip_whitespace=True, min_length=1, max_length=MAX_TERM_CHARS, pattern=r"^[^*]"
-    ),
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_TERM_CHARS),
     AfterValidator(_valid_term),
 ]
 Description = Annotated[str, Field(max_length=2000), AfterValidator(_not_blank)]
 Name = Annotated[str, Field(max_length=200), AfterValidator(_not_blank)]
 Examples = Annotated[tuple[Example, ...], AfterValidator(_no_duplicates)]
-Terms = Annotated[tuple[Term, ...], Field(max_length=MAX_TERMS)]
+Terms = Annotated[tuple[Term, ...], Field(max_length=MAX_TERMS, description=TERM_SYNTAX)]
 
 
 class TopicDefinition(BaseModel):
@@ -211,7 +237,10 @@ class TopicUpdate(BaseModel):
 
     def apply(self, topic: Topic) -> Topic:
         """``topic`` with this update's fields replaced (the version is left to the caller)."""
-        return Topic.model_validate({**topic.model_dump(), **self.model_dump(exclude_unset=True)})
+        # The update's own fields were checked as it was read; the stored ones stay as they are.
+        return Topic.model_validate(
+            {**topic.model_dump(), **self.model_dump(exclude_unset=True)}, context=STORED
+        )
 
 
 @lru_cache(maxsize=1024)
@@ -221,16 +250,16 @@ def _term_pattern(terms: tuple[str, ...]) -> re.Pattern[str]:
 
 
 def _term_regex(term: str) -> str:
-    parts = [p for p in _TERM_PARTS.split(term) if p]
+    tokens = _tokens(term)
     regex = "".join(
         r"\w*"
-        if p == "*"
-        else "(?:" + "|".join(map(re.escape, PLACE_LISTS[p[1:-1]])) + ")"
-        if p.startswith("{")
-        else re.escape(p)
-        for p in parts
+        if kind == "any"
+        else r"(?<!\w)(?:" + "|".join(map(re.escape, PLACE_LISTS[text])) + r")(?!\w)"
+        if kind == "place"
+        else re.escape(text)
+        for kind, text in tokens
     )
-    return regex if parts[-1] == "*" else regex + r"(?!\w)"
+    return regex if tokens[-1][0] == "any" else regex + r"(?!\w)"
 
 
 def find_term(terms: tuple[str, ...], text: str) -> str | None:
@@ -259,6 +288,11 @@ def check_keywords(topic: TopicDefinition, text: str) -> tuple[str | None, str |
     if excluded is not None:
         return required_hit, f"mentions the excluded term {excluded!r}"
     return required_hit, None
+
+
+def stored_topic(data: dict[str, object]) -> Topic:
+    """A topic read back from the store (see ``STORED``)."""
+    return Topic.model_validate(data, context=STORED)
 
 
 def load_topics(path: Path) -> list[Topic]:

@@ -316,9 +316,9 @@ async function pageTopic(view, slug, params) {
     ["description", "Description", "textarea", (t) => t.description, (v) => v],
     ["examples", "Examples (one per line)", "textarea", (t) => t.examples.join("\n"), lines],
     ["counter_examples", "Counter-examples (one per line)", "textarea", (t) => t.counter_examples.join("\n"), lines],
-    ["require_any", "Require any of these terms (one per line; * matches any ending)", "textarea", (t) => t.require_any.join("\n"), lines],
+    ["require_any", "Require any of these terms (one per line; a * at the end of a word matches any ending)", "textarea", (t) => t.require_any.join("\n"), lines],
     ["require_also", "Also require one term of each group (a group per line, terms separated by commas)", "textarea", (t) => t.require_also.map((g) => g.join(", ")).join("\n"), (v) => lines(v).map(terms)],
-    ["exclude_any", "Exclude articles mentioning (one per line)", "textarea", (t) => t.exclude_any.join("\n"), lines],
+    ["exclude_any", "Exclude articles mentioning (one per line; {US_STATE} or {AU_STATE} matches any of those places)", "textarea", (t) => t.exclude_any.join("\n"), lines],
   ];
   const inputs = {};
   function draftOf() {
