@@ -45,6 +45,8 @@ CASES = [
      "Mexico's president said Washington had not delivered the money it promised for development."),
     ("us-mexico-summit", True, "Biden, López Obrador agree border steps at leaders' meeting",
      "The two presidents announced new measures on migration and fentanyl."),
+    # A bare headline, naming him by the nickname US outlets use.
+    ("us-mexico-summit", True, "Biden meets AMLO", ""),
     # ... but not Mexico's president without a US-government counterpart.
     ("us-mexico-summit", False, "López Obrador mocks Republican candidate",
      "Mexico's president answered a US candidate's remarks about Mexico at his morning briefing."),
