@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.evaluate import DEV_PATH, LABELS, SLUGS, STREAM, TOPICS_PATH  # noqa: E402
+from bench.evaluate import DEV_PATH, LABELS, SLUGS, STREAM, TOPICS_PATH, VECTORS  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "calibrate.json"
 BINS = 10
@@ -211,9 +210,7 @@ def print_reliability(title: str, judged: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--vectors", type=Path, default=Path(tempfile.gettempdir()) / "newsmon-bench-vectors"
-    )
+    parser.add_argument("--vectors", type=Path, default=VECTORS)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     missing = [str(p) for p in (DEV_PATH, STREAM, LABELS) if not p.is_file()]
@@ -224,17 +221,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
 
-    from bench.backtest import provenance, vector_cache
-    from bench.models import CachedEmbedder, embed, load_sets, score, set_spans
+    from bench.backtest import provenance
+    from bench.models import cached_model, embed, load_sets, score, set_spans
     from newsmon.classify import learning
-    from newsmon.classify.model import SentenceTransformerEmbedder
     from newsmon.classify.scoring import index_topics
     from newsmon.classify.topics import load_topics
     from newsmon.settings import Settings
 
     backend = Settings().model_backend
-    model = SentenceTransformerEmbedder(backend=backend)
-    cached = CachedEmbedder(model, vector_cache(args.vectors, model.model_path, backend))
+    cached = cached_model(backend, args.vectors)
     topics = load_topics(TOPICS_PATH)
     indexes = index_topics(topics, cached)
     sets = load_sets()

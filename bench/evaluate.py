@@ -28,6 +28,7 @@ import hashlib
 import json
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ SLUGS = ("fentanyl", "cartel-arrests", "extradition", "us-mexico-summit")
 # The labelled stream, for the benchmarks that replay it in date order.
 STREAM = SHARED / "corpus" / "stream-2022.jsonl"
 LABELS = SHARED / "corpus" / "stream-2022-labels.jsonl"
+# Where the benchmarks keep their vector caches by default (``--vectors``).
+VECTORS = Path(tempfile.gettempdir()) / "newsmon-bench-vectors"
 
 
 def rows(path: Path) -> list[dict[str, Any]]:

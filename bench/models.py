@@ -209,6 +209,12 @@ def admitted(item: Item, indexes: Sequence[TopicIndex]) -> bool:
     return admits([ix.topic for ix in indexes], item.title, item.text)
 
 
+def cached_model(backend: str, vectors: Path) -> CachedEmbedder:
+    """The packaged model on ``backend``, its vectors cached on disk under ``vectors``."""
+    model = SentenceTransformerEmbedder(backend=backend)
+    return CachedEmbedder(model, vector_cache(vectors, model.model_path, backend))
+
+
 def embed(
     items: Sequence[Item], indexes: Sequence[TopicIndex], embedder: Any
 ) -> list[EmbeddedArticle | None]:

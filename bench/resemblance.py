@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.backtest import vector_cache  # noqa: E402
-from bench.evaluate import DEV_PATH, LABELS, STREAM, TOPICS_PATH, rows  # noqa: E402
-from bench.models import CachedEmbedder  # noqa: E402
-from newsmon.classify.model import SentenceTransformerEmbedder  # noqa: E402
+from bench.evaluate import DEV_PATH, LABELS, STREAM, TOPICS_PATH, VECTORS, rows  # noqa: E402
+from bench.models import cached_model  # noqa: E402
 from newsmon.classify.scoring import embed_articles  # noqa: E402
 from newsmon.classify.topics import check_keywords, load_topics  # noqa: E402
 
@@ -67,16 +64,13 @@ def band_agreement(similarity: np.ndarray, labels: np.ndarray) -> list[dict[str,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", default="onnx-int8")
-    parser.add_argument(
-        "--vectors", type=Path, default=Path(tempfile.gettempdir()) / "newsmon-bench-vectors"
-    )
+    parser.add_argument("--vectors", type=Path, default=VECTORS)
     args = parser.parse_args(argv)
     missing = [p for p in (DEV_PATH, STREAM, LABELS) if not p.is_file()]
     if missing:
         print(f"bench.resemblance: missing {', '.join(map(str, missing))}", file=sys.stderr)
         return 2
-    model = SentenceTransformerEmbedder(backend=args.backend)
-    embedder = CachedEmbedder(model, vector_cache(args.vectors, model.model_path, args.backend))
+    embedder = cached_model(args.backend, args.vectors)
     labels = {r["id"]: frozenset(r["topics"]) for r in rows(LABELS)}
     dev = rows(DEV_PATH)
     labels |= {r["id"]: frozenset(r["topics"]) for r in dev}

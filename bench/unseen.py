@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,20 +36,20 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.backtest import provenance, vector_cache  # noqa: E402
+from bench.backtest import provenance  # noqa: E402
 from bench.evaluate import (  # noqa: E402
     DEV_PATH,
     LABELS,
     SLUGS,
     STREAM,
     TOPICS_PATH,
+    VECTORS,
     Item,
     keyword_predictions,
     report,
     rows,
 )
-from bench.models import CachedEmbedder, dev_date, embed, score  # noqa: E402
-from newsmon.classify.model import SentenceTransformerEmbedder  # noqa: E402
+from bench.models import cached_model, dev_date, embed, score  # noqa: E402
 from newsmon.classify.scoring import TopicIndex, index_topics  # noqa: E402
 from newsmon.classify.topics import load_topics  # noqa: E402
 
@@ -85,16 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", default="onnx-int8")
     parser.add_argument("--limit", type=int, default=0, help="stream items at most (0: all)")
-    parser.add_argument(
-        "--vectors", type=Path, default=Path(tempfile.gettempdir()) / "newsmon-bench-vectors"
-    )
+    parser.add_argument("--vectors", type=Path, default=VECTORS)
     args = parser.parse_args(argv)
     missing = [p for p in (DEV_PATH, STREAM, LABELS) if not p.is_file()]
     if missing:
         print(f"bench.unseen: missing {', '.join(map(str, missing))}", file=sys.stderr)
         return 2
-    model = SentenceTransformerEmbedder(backend=args.backend)
-    embedder = CachedEmbedder(model, vector_cache(args.vectors, model.model_path, args.backend))
+    embedder = cached_model(args.backend, args.vectors)
     indexes = index_topics(load_topics(TOPICS_PATH), embedder)
 
     dev = sorted(rows(DEV_PATH), key=lambda r: (dated(r), r["id"]))
