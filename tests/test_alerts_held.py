@@ -9,6 +9,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -221,9 +222,12 @@ async def test_two_processes_at_the_release_send_one_summary(
     assert summary["count"] == 8
 
 
-async def test_processes_recording_at_once_share_one_budget(engine: Any) -> None:
-    """Two alerts processes record matches for one budgeted subscription at the same moment:
-    the budget's row is locked while it is counted, so exactly the budget goes at once."""
+@asynccontextmanager
+async def two_processes_sharing_a_budget(
+    engine: Any,
+) -> AsyncIterator[tuple[list[AlertsService], Clock]]:
+    """Two alerts services, each on an engine of its own, for one subscription with a budget of
+    3 alerts a day, seeded, on a clock at 2026-05-01 10:05 UTC."""
     other = open_engine(engine.url.render_as_string(hide_password=False))
     sub = Subscription(id="s1", channel="log", budget=Budget(max_alerts=3, per="day"))
     clock = Clock(utc(2026, 5, 1, 10, 5))
@@ -232,14 +236,21 @@ async def test_processes_recording_at_once_share_one_budget(engine: Any) -> None
     ]
     try:
         await services[0].ensure_seeded()
+        yield services, clock
+    finally:
+        await other.dispose()
+
+
+async def test_processes_recording_at_once_share_one_budget(engine: Any) -> None:
+    """Two alerts processes record matches for one budgeted subscription at the same moment:
+    the budget's row is locked while it is counted, so exactly the budget goes at once."""
+    async with two_processes_sharing_a_budget(engine) as (services, _):
         for round_ in range(3):
             batches = [[article(f"{who}{round_}-{i}") for i in range(4)] for who in ("x", "y")]
             await asyncio.gather(
                 *(s.handle_batch(b) for s, b in zip(services, batches, strict=True))
             )
         rows = await services[0].deliveries.deliveries(DeliveryFilter("s1"), 100, 0)
-    finally:
-        await other.dispose()
     statuses = Counter(d.status for d in rows)
     assert statuses == Counter({"pending": 3, "held": 21})
     assert {d.next_attempt_at for d in rows if d.status == "held"} == {utc(2026, 5, 2)}
@@ -373,14 +384,7 @@ async def test_processes_taking_a_backlog_at_once_share_one_budget(engine: Any) 
     """Two processes claim the same backlog of a budgeted subscription (recorded on earlier
     days, while no dispatcher ran, each day within its budget) at the same moment: each alert is
     taken by one, exactly the day's budget goes, and the rest are held for the day's end."""
-    other = open_engine(engine.url.render_as_string(hide_password=False))
-    sub = Subscription(id="s1", channel="log", budget=Budget(max_alerts=3, per="day"))
-    clock = Clock(utc(2026, 5, 1, 10, 5))
-    services = [
-        AlertsService(Settings(), MemoryBus(), eng, [sub], clock=clock) for eng in (engine, other)
-    ]
-    try:
-        await services[0].ensure_seeded()
+    async with two_processes_sharing_a_budget(engine) as (services, clock):
         for day in range(1, 6):
             clock.now = utc(2026, 5, day, 10, 5)
             await services[0].handle_batch([article(f"a{day}-{i}") for i in range(2)])
@@ -390,8 +394,6 @@ async def test_processes_taking_a_backlog_at_once_share_one_budget(engine: Any) 
         assert len(due) == 10 and {d.delivery.status for d in due} == {"pending"}
         won = await asyncio.gather(*(s.claim_scheduled(due, 60) for s in stores))
         rows = await stores[0].deliveries(DeliveryFilter("s1"), 100, 0)
-    finally:
-        await other.dispose()
     assert not won[0] & won[1]
     assert len(won[0] | won[1]) == 3
     held_ = [d for d in rows if d.status == "held"]
